@@ -1,0 +1,45 @@
+"""Starting or joining Ray the same way everywhere (local runs, tests, `ray job submit`)."""
+
+from __future__ import annotations
+
+import os
+
+# Quiet, repeatable defaults; a user's own environment wins.
+_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+}
+
+
+def set_quiet_env() -> None:
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def init_ray(ray_cfg=None):
+    """Join the cluster named by `ray.address` or RAY_ADDRESS, else start a private local Ray.
+
+    A local Ray never auto-joins some other `ray start` cluster on the machine (address="local"),
+    and it gets logical CPUs beyond the physical ones so Ray Data is not starved by train workers.
+    """
+    import ray
+
+    set_quiet_env()
+    if ray.is_initialized():
+        return ray
+    address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    num_cpus = getattr(ray_cfg, "num_cpus", None) or max(4, 2 * (os.cpu_count() or 2))
+    store_mb = getattr(ray_cfg, "object_store_mb", None) or 512
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=store_mb * 2**20,
+        log_to_driver=True,
+    )
+    return ray
