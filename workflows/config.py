@@ -171,6 +171,11 @@ class Config(_Strict):
                 f"train.batch_size ({self.train.batch_size}) must divide evenly over "
                 f"train.num_workers ({self.train.num_workers})"
             )
+        hr_patch = self.data.patch_size * self.model.scale
+        if self.data.tile_size < hr_patch:
+            raise ValueError(
+                f"data.tile_size ({self.data.tile_size}) must be at least data.patch_size x model.scale ({hr_patch})"
+            )
         for key in self.tune.space:
             section, _, name = key.partition(".")
             if section != "loss" or name not in LossConfig.model_fields:
