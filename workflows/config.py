@@ -106,7 +106,7 @@ class TrainConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    uri: str | None = Field(None, description="MLflow tracking URI; None = sqlite under storage.root")
+    uri: str | None = Field(None, description="MLflow tracking URI; None = MLFLOW_TRACKING_URI, else sqlite under storage.root")
     experiment: str = "lightbsr"
     registered_model: str | None = Field(None, description="default lightbsr-x<scale>")
     alias: str = "champion"
@@ -203,6 +203,8 @@ class Config(_Strict):
     def tracking_uri(self) -> str:
         if self.tracking.uri:
             return self.tracking.uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
         if _is_remote(self.storage.root):
             raise ConfigError("tracking.uri must be set when storage.root is remote (no local sqlite store)")
         return f"sqlite:///{Path(self.storage.root, 'mlflow.db')}"
