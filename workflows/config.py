@@ -86,6 +86,7 @@ class LossConfig(_Strict):
     channel_kl_weight: float = Field(1.0, ge=0)
     channel_l1_weight: float = Field(0.1, ge=0)
     spatial_weight: float = Field(1.0, ge=0)
+    distillation: bool = Field(True, description="student: align ca/xk on the teacher's (False = the no-alignment ablation)")
 
 
 class TrainConfig(_Strict):
@@ -145,9 +146,14 @@ class TuneConfig(_Strict):
 
 class EvalConfig(_Strict):
     protocols: list[str] = Field(default_factory=lambda: ["iso_x4"])
-    tile: int = Field(256, ge=16, description="LR tile side for tiled inference")
-    overlap: int = Field(16, ge=0, description="LR pixels of overlap between tiles")
+    tile: int = Field(192, ge=16, description="LR tile side for tiled inference (lightbsr.tiling.DEFAULT_TILE)")
+    overlap: int = Field(32, ge=0, description="LR pixels of overlap between tiles (lightbsr.tiling.DEFAULT_OVERLAP)")
     batch_size: int = Field(1, ge=1)
+    actors: int = Field(2, ge=1, description="Ray Data actor pool size for scoring (at most one per GPU)")
+    samples: bool = Field(True, description="also score data.eval_images, as the set 'samples'")
+    crop: int | None = Field(None, ge=16, description="score only the top-left crop of this many HR pixels (quick checks)")
+    idr_patches: int = Field(24, ge=4, description="HR patches per degradation for the IDR discriminability probe")
+    idr_patch: int = Field(192, ge=32, description="HR side of those patches (LR = idr_patch / scale)")
 
 
 class Config(_Strict):

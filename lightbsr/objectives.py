@@ -1,0 +1,151 @@
+"""Training objectives: one batch in, a dict of loss terms out (the `total` is what is minimised).
+
+All trainable compute happens inside `forward`, so a data-parallel wrapper (DDP) can wrap the
+objective as a whole; the training loop is the same for both stages. Batches follow the batch
+contract after the loop has divided by 255: `lr` (B, V, 3, h, w), `hr` (B, V, 3, sh, sw) in [0, 1],
+`prior` (B, P). The teacher needs V >= 2 views that share one degradation; the student uses view 0.
+
+`loss_cfg` is any object with the fields of `workflows.config.LossConfig` (l1_weight,
+contrastive_temperature, contrastive_weight, kd_temperature, channel_kl_weight, channel_l1_weight,
+spatial_weight, distillation).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightbsr.losses import channel_distillation_loss, contrastive_loss, l1_255, spatial_distillation_loss
+from lightbsr.student import Student
+from lightbsr.teacher import Teacher
+
+__all__ = ["TeacherObjective", "StudentObjective", "LossSettings"]
+
+Terms = dict[str, torch.Tensor]
+
+
+class LossSettings(Protocol):
+    l1_weight: float
+    contrastive_temperature: float
+    contrastive_weight: float
+    kd_temperature: float
+    channel_kl_weight: float
+    channel_l1_weight: float
+    spatial_weight: float
+    distillation: bool
+
+
+def _check_batch(lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor) -> None:
+    if lr.dim() != 5 or hr.dim() != 5 or lr.shape[:3] != hr.shape[:3]:
+        raise ValueError(f"lr {tuple(lr.shape)} and hr {tuple(hr.shape)} must be (B, V, 3, h, w) and (B, V, 3, sh, sw)")
+    if prior.dim() != 2 or prior.shape[0] != lr.shape[0]:
+        raise ValueError(f"prior {tuple(prior.shape)} must be (B={lr.shape[0]}, P)")
+
+
+def _check_phase(phase: int) -> None:
+    if phase not in (1, 2):
+        raise ValueError(f"phase must be 1 or 2, got {phase!r}")
+
+
+@torch.no_grad()
+def gather_from_all_workers(x: torch.Tensor) -> torch.Tensor:
+    """(N, D) on each worker -> (world * N, D) in rank order on every worker (identity when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class TeacherObjective(nn.Module):
+    """Phase 1: contrastive; phase 2: L1 (0..255) + contrastive. Enqueues view 0's keys of all workers."""
+
+    def __init__(self, teacher: Teacher, loss_cfg: LossSettings) -> None:
+        super().__init__()
+        self.model = teacher
+        self.loss_cfg = loss_cfg
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor, phase: int) -> Terms:
+        _check_batch(lr, hr, prior)
+        _check_phase(phase)
+        teacher, cfg = self.model, self.loss_cfg
+        batch, views = lr.shape[:2]
+        if views < 2:
+            raise ValueError(f"the teacher needs at least 2 views per item, got V={views}")
+        flat_lr = lr.flatten(0, 1)  # (B*V, 3, h, w)
+        flat_prior = prior.repeat_interleave(views, dim=0)  # (B*V, P)
+        idr = teacher.encode(flat_lr, flat_prior)  # (B*V, 128, h/4, w/4)
+        q = teacher.head(idr).view(batch, views, -1)  # (B, V, 128)
+        teacher.momentum_update()
+        k = teacher.embed_keys(flat_lr, flat_prior).float().view(batch, views, -1)  # (B, V, 128)
+        contrastive = contrastive_loss(q, k, teacher.queue.clone(), cfg.contrastive_temperature)
+        terms: Terms = {"contrastive": contrastive}
+        total = cfg.contrastive_weight * contrastive
+        if phase == 2:
+            idr0 = idr.view(batch, views, *idr.shape[1:])[:, 0]  # view 0, as the reference reconstructs
+            ca, xk = teacher.generator.convert(idr0, lr.shape[-2:])
+            sr = teacher.generator.reconstruct(lr[:, 0], ca, xk)
+            terms["l1"] = l1_255(sr, hr[:, 0])
+            total = total + cfg.l1_weight * terms["l1"]
+        teacher.enqueue(gather_from_all_workers(k[:, 0].contiguous()))
+        terms["total"] = total
+        return terms
+
+    @torch.no_grad()
+    def super_resolve(self, lr: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """SR of (B, 3, h, w) LR images given their true priors (validation, image strips)."""
+        return self.model(lr, prior)
+
+
+class StudentObjective(nn.Module):
+    """Phase 1: L_ch + L_sp; phase 2: L1 + L_ch + L_sp, aligned on a frozen teacher fed the true prior.
+
+    The teacher stays in eval mode and without gradients whatever `train()` is called with.
+    """
+
+    def __init__(self, student: Student, teacher: Teacher | None, loss_cfg: LossSettings) -> None:
+        super().__init__()
+        if loss_cfg.distillation and teacher is None:
+            raise ValueError("distillation needs a teacher (loss.distillation is on but no teacher was given)")
+        self.model = student
+        self.loss_cfg = loss_cfg
+        self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
+
+    def train(self, mode: bool = True) -> "StudentObjective":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor, phase: int) -> Terms:
+        _check_batch(lr, hr, prior)
+        _check_phase(phase)
+        student, cfg = self.model, self.loss_cfg
+        if phase == 1 and not cfg.distillation:
+            raise ValueError("phase 1 without distillation trains nothing: set schedule.phase1_epochs=0")
+        lr0, size = lr[:, 0], lr.shape[-2:]  # (B, 3, h, w)
+        ca, xk = student.generator.convert(student.encode(lr0), size)  # (B, 48), (B, 8, h, w)
+        terms: Terms = {}
+        total = torch.zeros((), device=lr.device)
+        if cfg.distillation:
+            with torch.no_grad():
+                ca_t, xk_t = self.teacher.generator.convert(self.teacher.encode(lr0, prior), size)
+            terms["channel"] = channel_distillation_loss(
+                ca, ca_t, cfg.kd_temperature, cfg.channel_l1_weight, cfg.channel_kl_weight
+            )
+            terms["spatial"] = spatial_distillation_loss(xk, xk_t)
+            total = total + terms["channel"] + cfg.spatial_weight * terms["spatial"]
+        if phase == 2:
+            sr = student.generator.reconstruct(lr0, ca, xk)
+            terms["l1"] = l1_255(sr, hr[:, 0])
+            total = total + cfg.l1_weight * terms["l1"]
+        terms["total"] = total
+        return terms
+
+    @torch.no_grad()
+    def super_resolve(self, lr: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """SR of (B, 3, h, w) LR images; the student ignores the prior (it is blind)."""
+        return self.model(lr)

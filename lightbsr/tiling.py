@@ -1,0 +1,120 @@
+"""Tiled inference for images of any size in bounded memory.
+
+The channel code `ca` is a global average over the whole image's IDR, so the encoder and the
+IDR converter run once on the whole LR image (the encoder works at 1/4 resolution and is
+cheap) and every tile of the generator gets the same `ca` and its own crop of the spatial code
+`xk`. Only the generator, whose activations dominate the memory, is tiled. Neighbouring tiles
+overlap by `overlap` LR pixels and are blended with linear ramps across the overlap, which
+hides the small differences between tiles (each block's channel branch pools its own tile).
+
+`shared_codes=False` runs the whole student on each tile instead (each tile then sees its own
+channel code); it exists to show what sharing the codes buys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lightbsr.validation import check_image_batch
+
+__all__ = ["DEFAULT_TILE", "DEFAULT_OVERLAP", "MIN_SIDE", "tile_starts", "blend_ramp", "upscale_tiled", "upscale", "quantize"]
+
+DEFAULT_TILE = 192  # LR pixels per tile side (HR 768 at x4)
+DEFAULT_OVERLAP = 32  # LR pixels shared by neighbouring tiles
+MIN_SIDE = 4  # smallest LR side: one cell of the IDR, which works at 1/4 resolution
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of windows of `tile` pixels covering [0, length), neighbours sharing >= `overlap`."""
+    if length <= tile:
+        return [0]
+    count = math.ceil((length - overlap) / (tile - overlap))  # fewest windows that keep the overlap
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]  # spread evenly
+
+
+def blend_ramp(size: int, ramp: int, left: bool, right: bool, device: torch.device | None = None) -> torch.Tensor:
+    """1-D blending weights of one window: linear ramps of `ramp` pixels at the edges that have a neighbour.
+
+    Weights stay above zero, so every pixel is covered; the caller divides by the summed weights.
+    """
+    weight = torch.ones(size, device=device)
+    if ramp > 0:
+        rise = (torch.arange(min(ramp, size), device=device, dtype=torch.float32) + 0.5) / ramp
+        if left:
+            weight[: rise.numel()] = torch.minimum(weight[: rise.numel()], rise)
+        if right:
+            weight[size - rise.numel():] = torch.minimum(weight[size - rise.numel():], rise.flip(0))
+    return weight
+
+
+def _check_tiling(lr: torch.Tensor, tile: int, overlap: int) -> None:
+    check_image_batch(lr, "lr")
+    height, width = lr.shape[-2:]
+    if min(height, width) < MIN_SIDE:
+        raise ValueError(f"lr: image of {width}x{height} pixels is smaller than the minimum side of {MIN_SIDE} pixels")
+    if tile < MIN_SIDE:
+        raise ValueError(f"tile: expected at least {MIN_SIDE} pixels, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap: expected 0 <= overlap < tile ({tile}), got {overlap}")
+
+
+@torch.no_grad()
+def upscale_tiled(
+    student: nn.Module,
+    lr: torch.Tensor,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    shared_codes: bool = True,
+) -> torch.Tensor:
+    """LR (B, 3, H, W) in [0, 1] -> SR (B, 3, sH, sW), float (not clamped), computed tile by tile.
+
+    An image no larger than one tile runs in one piece and equals `student(lr)`.
+    """
+    _check_tiling(lr, tile, overlap)
+    height, width = lr.shape[-2:]
+    if height <= tile and width <= tile:
+        return student(lr)
+    scale = student.scale
+    generator = student.generator
+    if shared_codes:
+        ca, xk = generator.convert(student.encode(lr), (height, width))  # (B, 48), (B, 8, H, W)
+    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    out = lr.new_zeros(lr.shape[0], 3, height * scale, width * scale)
+    total = lr.new_zeros(1, 1, height * scale, width * scale)
+    ramp = overlap * scale
+    for row, y0 in enumerate(ys):
+        y1 = min(y0 + tile, height)
+        wy = blend_ramp((y1 - y0) * scale, ramp, row > 0, row < len(ys) - 1, lr.device)
+        for col, x0 in enumerate(xs):
+            x1 = min(x0 + tile, width)
+            piece = lr[..., y0:y1, x0:x1]
+            if shared_codes:
+                sr = generator.reconstruct(piece, ca, xk[..., y0:y1, x0:x1])
+            else:
+                sr = student(piece)
+            wx = blend_ramp((x1 - x0) * scale, ramp, col > 0, col < len(xs) - 1, lr.device)
+            weight = (wy[:, None] * wx[None, :])[None, None]  # (1, 1, th*s, tw*s)
+            region = (..., slice(y0 * scale, y1 * scale), slice(x0 * scale, x1 * scale))
+            out[region] += sr * weight
+            total[region] += weight
+    return out / total
+
+
+def upscale(
+    student: nn.Module, image: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP
+) -> torch.Tensor:
+    """uint8 (H, W, 3) image -> uint8 (sH, sW, 3) upscaled image, tiled, on the student's device."""
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image: expected a uint8 (H, W, 3) tensor, got {image.dtype} {tuple(image.shape)}")
+    device = next(student.parameters()).device
+    lr = image.to(device).permute(2, 0, 1)[None].float() / 255  # (H, W, 3) -> (1, 3, H, W)
+    sr = upscale_tiled(student, lr, tile, overlap)
+    return quantize(sr)[0].permute(1, 2, 0).cpu()  # -> (sH, sW, 3)
+
+
+def quantize(sr: torch.Tensor) -> torch.Tensor:
+    """Float SR in [0, 1] (unclamped) -> uint8 on 8-bit levels, rounding half to even like torch.round."""
+    return (sr.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -1,0 +1,147 @@
+"""`lightbsr.images`: strict 8-bit RGB reading, atomic writing, the benchmark folder loader."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lightbsr.images import (
+    ImageError,
+    encode_png,
+    find_benchmarks,
+    list_images,
+    read_rgb,
+    write_image,
+)
+from tests.fixtures.images import bad_images, exif_rotated_jpeg
+
+
+@pytest.fixture(scope="module")
+def photo(sample_images) -> np.ndarray:
+    return read_rgb(sample_images / "train" / "china.png")
+
+
+@pytest.fixture(scope="module")
+def bad_files(photo, sample_images):
+    return bad_images(photo, (sample_images / "ATTRIBUTION").read_bytes())
+
+
+def test_read_rgb_returns_the_decoded_pixels_of_an_rgb_file(photo, tmp_path):
+    path = tmp_path / "crop.png"
+    Image.fromarray(photo[:64, :96]).save(path)
+    pixels = read_rgb(path)
+    assert pixels.dtype == np.uint8 and pixels.shape == (64, 96, 3)
+    np.testing.assert_array_equal(pixels, photo[:64, :96])
+    np.testing.assert_array_equal(read_rgb(path.read_bytes(), "crop"), pixels)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["truncated.jpg", "truncated.png", "empty.png", "notes.png", "gray.png", "rgba.png", "palette.png",
+     "rgb16.png", "cmyk.jpg", "small.png", "bomb.png"],
+)
+def test_each_kind_of_bad_file_is_rejected_with_its_reason_and_name(bad_files, tmp_path, name):
+    data, reason = bad_files[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ImageError) as caught:
+        read_rgb(path, min_size=128)
+    assert caught.value.reason == reason
+    assert str(path) in str(caught.value) and reason in str(caught.value)
+
+
+def test_pillow_alone_would_accept_the_16_bit_png_as_8_bit_rgb(bad_files):
+    """Why the header check exists: Pillow opens 48-bit PNGs as plain "RGB"."""
+    data, _ = bad_files["rgb16.png"]
+    assert Image.open(io.BytesIO(data)).mode == "RGB"
+
+
+def test_exif_orientation_is_applied(photo):
+    upright = np.ascontiguousarray(photo[:200, :300])
+    data = exif_rotated_jpeg(upright)
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # as stored, no transpose
+    assert stored.shape == (300, 200, 3)
+    pixels = read_rgb(data, "rotated.jpg")
+    assert pixels.shape == (200, 300, 3)
+    np.testing.assert_array_equal(pixels, np.rot90(stored, k=-1))
+    error = np.abs(pixels.astype(int) - upright).mean()
+    assert error < 4.0, error  # JPEG loss only; a wrong turn would be tens of levels off
+    assert np.abs(np.rot90(pixels, k=2).astype(int) - upright).mean() > 5 * error
+
+
+def test_decompression_bomb_limit_can_be_lowered(photo):
+    data = encode_png(np.ascontiguousarray(photo[:100, :100]))
+    assert read_rgb(data, max_pixels=10_000).shape == (100, 100, 3)
+    with pytest.raises(ImageError, match="decompression bomb"):
+        read_rgb(data, "big.png", max_pixels=9_999)
+
+
+def test_encode_png_is_lossless_and_repeatable(photo):
+    crop = np.ascontiguousarray(photo[50:114, 70:134])
+    data = encode_png(crop)
+    assert data == encode_png(crop.copy())
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), crop)
+
+
+@pytest.mark.parametrize("suffix, lossless", [(".png", True), (".webp", True), (".jpg", False)])
+def test_write_image_round_trips_by_extension(photo, tmp_path, suffix, lossless):
+    crop = np.ascontiguousarray(photo[:80, :120])
+    path = write_image(tmp_path / f"out{suffix}", crop)
+    assert Image.open(path).format == {".png": "PNG", ".webp": "WEBP", ".jpg": "JPEG"}[suffix]
+    back = read_rgb(path)
+    if lossless:
+        np.testing.assert_array_equal(back, crop)
+    else:
+        mse = np.mean((back.astype(float) - crop) ** 2)
+        assert 10 * np.log10(255**2 / mse) > 35
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(photo, tmp_path):
+    path = tmp_path / "keep.jpg"
+    write_image(path, np.ascontiguousarray(photo[:32, :32]))
+    before = path.read_bytes()
+    too_wide = np.ascontiguousarray(np.tile(photo[:1], (1, 110, 1)))  # (1, 70400, 3): over JPEG's 65500 limit
+    with pytest.raises(OSError):
+        write_image(path, too_wide)  # the JPEG encoder fails part-way through the save
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.jpg"]
+
+
+def test_write_image_rejects_non_rgb_arrays_and_unknown_formats(tmp_path):
+    with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\).*float32"):
+        write_image(tmp_path / "x.png", np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="'.gif'"):
+        write_image(tmp_path / "x.gif", np.zeros((4, 4, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_find_benchmarks_uses_the_sets_present_in_order(photo, tmp_path):
+    for name, count in [("Urban100", 2), ("Set5", 3)]:
+        for i in range(count):
+            write_image(tmp_path / name / "HR" / f"img_{i:03d}.png", np.ascontiguousarray(photo[:16, :16]))
+    (tmp_path / "Set14" / "LR_bicubic").mkdir(parents=True)  # no HR folder: not a set
+    (tmp_path / "Set5" / "HR" / "notes.txt").write_text("not an image")
+    found = find_benchmarks(tmp_path)
+    assert list(found) == ["Set5", "Urban100"]
+    assert [p.name for p in found["Set5"]] == ["img_000.png", "img_001.png", "img_002.png"]
+    assert all(p.parent == tmp_path / "Urban100" / "HR" for p in found["Urban100"])
+
+
+def test_find_benchmarks_errors_name_the_folder(tmp_path):
+    with pytest.raises(ValueError, match="none of Set5/HR"):
+        find_benchmarks(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        find_benchmarks(tmp_path / "missing")
+    (tmp_path / "B100" / "HR").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"B100/HR holds no \.png"):
+        find_benchmarks(tmp_path)
+
+
+def test_list_images_finds_image_files_recursively_in_sorted_order(tmp_path):
+    for name in ["b/z.PNG", "a.jpg", "b/a.webp", "c.txt", "a10.tif"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["a.jpg", "a10.tif", "b/a.webp",
+                                                                                   "b/z.PNG"]

@@ -1,0 +1,152 @@
+"""The model registry against a real `mlflow server`: register, then pull by alias in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightbsr.checkpoint import save_checkpoint
+from lightbsr.images import read_rgb
+from lightbsr.student import Student
+from lightbsr.tiling import upscale
+from tests.fixtures.mlflow_server import free_port
+from workflows.config import load_config
+from workflows.register import RegistryError, fetch_checkpoint, register_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_CONFIG = {"scale": 2, "setting": 1, "n_groups": 1, "n_blocks": 2}
+
+
+def small_student(seed: int = 0) -> Student:
+    """Random but fixed weights, with layer scales that let the body change the output."""
+    torch.manual_seed(seed)
+    student = Student(scale=2, n_groups=1, n_blocks=2)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.2)
+    return student.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "student"
+    save_checkpoint(path, small_student(), role="student", model_config=MODEL_CONFIG,
+                    pca_basis=torch.zeros(441, 15))
+    return path
+
+
+@pytest.fixture(scope="module")
+def eval_table(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("table") / "table.csv"
+    path.write_text("method,protocol,case,samples PSNR,samples SSIM\n"
+                    "Bicubic,iso_x4,sigma1.2,24.00,0.7\n"
+                    "LightBSR (ours),iso_x4,sigma1.2,27.00,0.8\n"
+                    "LightBSR (ours),iso_x4,sigma2.4,26.00,0.7\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server, checkpoint, eval_table):
+    cfg = load_config(None, [f"tracking.uri={mlflow_server}", "tracking.experiment=register-test",
+                             "tracking.registered_model=lightbsr-test"])
+    name, version = register_checkpoint(str(checkpoint), cfg, alias="champion", eval_table=str(eval_table))
+    return cfg, name, version
+
+
+@pytest.fixture(scope="module")
+def photo(sample_images) -> np.ndarray:
+    return read_rgb(sample_images / "eval" / "kodim23.png")[100:172, 200:296]  # (72, 96, 3) real photograph
+
+
+def fresh_python(code: str, uri: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_pyfunc_pulled_by_alias_in_a_fresh_process_equals_the_direct_output(registered, photo, checkpoint, tmp_path):
+    cfg, name, _ = registered
+    np.save(tmp_path / "in.npy", photo[None])
+    code = (
+        "import mlflow.pyfunc, numpy as np, sys\n"
+        f"model = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
+        f"out = model.predict(np.load({str(tmp_path / 'in.npy')!r}))\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, out)\n"
+    )
+    done = fresh_python(code, cfg.tracking_uri)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pulled = np.load(tmp_path / "out.npy")
+    direct = upscale(small_student(), torch.from_numpy(photo)).numpy()
+    assert pulled.shape == (1, 144, 192, 3) and pulled.dtype == np.uint8
+    assert np.array_equal(pulled[0], direct)
+
+
+@pytest.mark.slow
+def test_upscale_command_in_a_fresh_process_pulls_the_champion(registered, photo, sample_images, tmp_path):
+    cfg, name, _ = registered
+    from PIL import Image
+
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("lightbsr")), "upscale", "--model", f"models:/{name}@champion",
+         str(tmp_path / "photo.png"), str(tmp_path / "big.png"), "--set", f"tracking.uri={cfg.tracking_uri}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    direct = upscale(small_student(), torch.from_numpy(photo)).numpy()
+    assert np.array_equal(read_rgb(tmp_path / "big.png"), direct)
+
+
+@pytest.mark.slow
+def test_registered_version_carries_tags_alias_signature_and_artifacts(registered, tmp_path):
+    from mlflow import MlflowClient
+
+    cfg, name, version = registered
+    client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+    mv = client.get_model_version_by_alias(name, "champion")
+    assert mv.version == version
+    expected_params = sum(p.numel() for p in small_student().parameters())
+    assert mv.tags["scale"] == "2" and mv.tags["setting"] == "1"
+    assert mv.tags["parameters"] == str(expected_params)
+    assert mv.tags["psnr.iso_x4.samples"] == "26.50"  # mean of our two cases in the table
+    model_file = fetch_checkpoint(f"models:/{name}@champion", cfg, tmp_path)
+    raw = torch.load(model_file, weights_only=True)
+    assert raw["format"] == "lightbsr/1" and raw["model_config"]["scale"] == 2
+    assert torch.equal(raw["pca_basis"], torch.zeros(441, 15))
+    from mlflow.models import get_model_info
+
+    info = get_model_info(f"models:/{name}/{version}")
+    inputs = json.loads(info.signature.to_dict()["inputs"])
+    assert inputs[0]["tensor-spec"] == {"dtype": "uint8", "shape": [-1, -1, -1, 3]}
+    assert (model_file.parent / "table.csv").is_file()  # the evaluation table travels with the model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ref,named", [("models:/no-such-model@champion", "no-such-model"),
+                                       ("models:/lightbsr-test@no-such-alias", "no-such-alias")])
+def test_missing_model_or_alias_is_named(registered, ref, named, tmp_path):
+    cfg = registered[0]
+    with pytest.raises(RegistryError, match=named):
+        fetch_checkpoint(ref, cfg, tmp_path)
+
+
+def test_registry_that_is_down_is_named_quickly_and_leaves_no_output(tmp_path, sample_images):
+    uri = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "out.png"
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("lightbsr")), "upscale", "--model", "models:/lightbsr-x4@champion",
+         str(sample_images / "eval" / "monarch.png"), str(out), "--set", f"tracking.uri={uri}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"MLflow tracking server {uri} is not reachable" in done.stderr
+    assert time.monotonic() - started < 60
+    assert list(tmp_path.iterdir()) == []

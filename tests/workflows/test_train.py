@@ -1,0 +1,152 @@
+"""The Ray Train loop on a real local Ray: workers in lockstep, a killed worker, MLflow records.
+
+Small networks (1 group x 1 block), tiny patches cut from the real sample photographs, and an
+in-memory Ray Dataset in the batch-contract format standing in for the shard stream.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightbsr.checkpoint import load_checkpoint, save_checkpoint
+from lightbsr.degrade import kernel_pca_basis
+from lightbsr.teacher import Teacher
+from tests.lightbsr.real_batches import degraded_examples
+from workflows.config import load_config
+from workflows.train import latest_checkpoint, main, stage_run_name, train_stage
+
+pytestmark = pytest.mark.slow
+
+PATCH, SCALE, QUEUE = 12, 4, 64
+
+
+def tiny_config(tmp_path, sample_images, *overrides):
+    return load_config(None, [
+        f"storage.root={tmp_path / 'store'}", f"data.eval_images={sample_images / 'eval'}",
+        "model.n_groups=1", "model.n_blocks=1", f"model.queue_size={QUEUE}", f"data.patch_size={PATCH}",
+        "data.tile_size=64", "train.cpus_per_worker=0.5", "schedule.warmup_epochs=0", "train.batch_size=4",
+        *overrides,
+    ])
+
+
+def in_memory_dataset(ray, sample_images, views, n=32, seed=0):
+    examples = degraded_examples(sample_images / "train", n, views, PATCH, SCALE, kernel_pca_basis(0), seed=seed)
+    return ray.data.from_items([{k: v[i] for k, v in examples.items()} for i in range(n)])
+
+
+def random_teacher_checkpoint(path):
+    torch.manual_seed(1)
+    teacher = Teacher(SCALE, 1, 1, 1, QUEUE)
+    model_config = {"scale": SCALE, "setting": 1, "n_groups": 1, "n_blocks": 1, "queue_size": QUEUE,
+                    "momentum": 0.999, "pca_seed": 0}
+    save_checkpoint(path, teacher, role="teacher", model_config=model_config, pca_basis=kernel_pca_basis(0))
+    return path
+
+
+def test_two_workers_train_in_lockstep_and_share_one_queue(ray_local, tmp_path, sample_images):
+    cfg = tiny_config(tmp_path, sample_images, "train.num_workers=2", "schedule.epochs=2",
+                      "schedule.phase1_epochs=1", "schedule.iters_per_epoch=4")
+    result = train_stage(cfg, "teacher", dataset=in_memory_dataset(ray_local, sample_images, views=4), tracking=False)
+
+    assert (result.epoch, result.iteration) == (2, 8)
+    # per-tensor sums of every parameter and buffer (BN statistics, momentum encoder, queue) agree
+    assert result.metrics["replica_divergence"] == 0.0
+    saved = load_checkpoint(result.checkpoint, role="teacher")
+    # 8 steps x 2 workers x 2 items: the keys of BOTH workers went into the queue
+    assert int(saved.model.queue_ptr) == (8 * 2 * 2) % QUEUE
+    assert torch.equal(saved.pca_basis, kernel_pca_basis(0))
+    assert saved.raw["train_state"]["optimizer"]["state"], "optimiser state is saved for an exact resume"
+
+
+def _train_worker_pid(timeout=120):
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        if alive and alive[0].pid:
+            return alive[0].pid
+        time.sleep(0.5)
+    raise TimeoutError("no Ray Train worker came up")
+
+
+def _wait_for_checkpoint(cfg, stage, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = latest_checkpoint(cfg, stage_run_name(cfg, stage))
+        if found:
+            return found[1]
+        time.sleep(0.1)
+    raise TimeoutError("no checkpoint was written")
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint_and_mlflow_holds_the_run(
+    ray_local, tmp_path, sample_images, mlflow_server
+):
+    teacher = random_teacher_checkpoint(tmp_path / "teacher")
+    epochs, iters = 4, 8
+    cfg = tiny_config(
+        tmp_path, sample_images, f"tracking.uri={mlflow_server}", f"train.teacher_checkpoint={teacher}",
+        f"schedule.epochs={epochs}", "schedule.phase1_epochs=0", f"schedule.iters_per_epoch={iters}",
+        "train.log_every_steps=1", f"train.image_every_steps={iters}", "train.max_failures=2",
+    )
+    dataset = in_memory_dataset(ray_local, sample_images, views=1)
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.setdefault("result", train_stage(cfg, "student", dataset=dataset)))
+    run.start()
+    pid = _train_worker_pid()
+    killed_after = _wait_for_checkpoint(cfg, "student")
+    os.kill(pid, signal.SIGKILL)
+    run.join(timeout=400)
+    result = outcome["result"]
+    assert killed_after["epoch"] < epochs, "the worker must die before the end for this test to mean anything"
+    assert (result.epoch, result.iteration) == (epochs, epochs * iters)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    run_id = result.mlflow_run_id
+    resumed = client.get_metric_history(run_id, "resumed_at_iteration")
+    assert len(resumed) == 1
+    restored = int(resumed[0].value)
+    assert restored % iters == 0 and iters <= restored < epochs * iters
+    # the steps run: 1..k before the kill, then restored+1..end: none lost, none repeated beyond the checkpoint
+    history = sorted(client.get_metric_history(run_id, "total"), key=lambda m: (m.timestamp, m.step))
+    steps = [m.step for m in history]
+    killed_at = steps.index(restored + 1, restored) if steps.count(restored + 1) == 2 else restored
+    assert steps == list(range(1, killed_at + 1)) + list(range(restored + 1, epochs * iters + 1))
+    before = [m.value for m in history[restored - iters : restored]]
+    first_after = history[killed_at].value
+    print(f"\nloss before the kill (last epoch checkpointed): {min(before):.2f}..{max(before):.2f}; "
+          f"first step after restore: {first_after:.2f}")
+    assert min(before) / 2 <= first_after <= 2 * max(before)
+
+    run_data = client.get_run(run_id).data
+    assert run_data.params["train.batch_size"] == "4" and run_data.params["loss.kd_temperature"] == "0.15"
+    for name in ("l1", "channel", "spatial", "lr", "samples_per_s", "data_wait_s", "epoch/val_psnr"):
+        assert name in run_data.metrics, name
+    strips = [a.path for a in client.list_artifacts(run_id, "strips")]
+    assert len(strips) >= epochs - 1
+    strip = np.asarray(Image.open(client.download_artifacts(run_id, strips[0], str(tmp_path))))
+    assert strip.shape == (PATCH * SCALE, 3 * PATCH * SCALE, 3) and strip.std() > 0
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/model.pt"]
+
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    assert model(torch.rand(2, 3, 10, 14)).shape == (2, 3, 40, 56)
+
+    # the same command again continues the same run: here it is complete, so nothing is retrained
+    again = train_stage(cfg, "student", dataset=dataset)
+    assert (again.iteration, again.mlflow_run_id, again.checkpoint) == (result.iteration, run_id, result.checkpoint)
+
+
+def test_command_line_rejects_a_bad_override_before_ray_starts(capsys):
+    assert main(["--set", "train.batch_size=0"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err

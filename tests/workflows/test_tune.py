@@ -1,0 +1,131 @@
+"""Sweeps: bad search spaces are refused before any trial; a small real sweep stops trials early,
+records the best config in MLflow (children under the parent) and resumes after an interruption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.fixtures.paths import REPO
+from workflows.config import ConfigError, load_config
+from workflows.tune import paper_point, run_sweep, search_space
+
+TINY = REPO / "workflows" / "configs" / "tiny.yaml"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("tune.space={loss.contrastive_temperature: {low: 0.5, high: 0.1}}", "loss.contrastive_temperature"),
+        ("tune.space={train.batch_size: {low: 1, high: 8}}", "train.batch_size"),
+        ("tune.space={loss.distillation: {low: 0, high: 1}}", "loss.distillation"),
+        ("tune.space={loss.contrastive_temperature: {low: -0.1, high: 0.1}}", "loss.contrastive_temperature"),
+        ("tune.space={loss.kd_temperature: {low: 0.1, high: 0.2}}", "loss.kd_temperature"),  # not a teacher knob
+    ],
+)
+def test_bad_search_space_is_rejected_before_any_trial(tmp_path, override, named):
+    overrides = [f"storage.root={tmp_path}", "tune.stage=teacher", override]
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        cfg = load_config(TINY, overrides)
+        run_sweep(cfg)
+    assert not (tmp_path / "tune").exists()
+
+
+def test_student_sweep_needs_a_fixed_teacher(tmp_path):
+    cfg = load_config(TINY, [f"storage.root={tmp_path}", "tune.stage=student"])
+    with pytest.raises(ConfigError, match=r"train\.teacher_checkpoint"):
+        search_space(cfg)
+
+
+def test_the_papers_values_are_the_first_point():
+    cfg = load_config(TINY, ["tune.stage=student", "train.teacher_checkpoint=/x"])
+    point = paper_point(cfg, search_space(cfg))
+    assert point == {"loss.kd_temperature": 0.15, "loss.channel_kl_weight": 1.0,
+                     "loss.channel_l1_weight": 0.1, "loss.spatial_weight": 1.0}
+
+
+def _mlflow_children(tracking_uri, parent_id):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _sweep_command(tmp_path, sample_images):
+    return [sys.executable, "-m", "workflows.tune", "--config", str(TINY),
+            "--set", f"storage.root={tmp_path / 'store'}",
+            "--set", f"data.train_images={sample_images / 'train'}",
+            "--set", f"data.eval_images={sample_images / 'eval'}",
+            "--set", "tune.stage=teacher", "--set", "tune.num_samples=4", "--set", "tune.max_concurrent=2",
+            "--set", "tune.grace_period=1", "--set", "tune.reduction_factor=2",
+            "--set", "schedule.epochs=4", "--set", "schedule.phase1_epochs=1", "--set", "schedule.warmup_epochs=0",
+            "--set", "train.cpus_per_worker=0.5"]
+
+
+def _finished_trials(trial_root):
+    """Trial folders whose result.json says the trial is done, with their reported epochs."""
+    done = {}
+    for result in trial_root.glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if rows and rows[-1].get("done"):
+            done[result.parent.name] = len(rows)
+    return done
+
+
+@pytest.mark.slow
+def test_sweep_stops_trials_early_resumes_and_records_the_best(tmp_path, sample_images):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    command = _sweep_command(tmp_path, sample_images)
+    trial_root = tmp_path / "store" / "tune" / "lightbsr-tiny-sweep"
+
+    # First run: interrupted (Ctrl-C) once at least one trial has finished.
+    first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while first.poll() is None and not _finished_trials(trial_root) and time.monotonic() < deadline:
+        time.sleep(2)
+    before = _finished_trials(trial_root)
+    assert before, "no trial finished before the interruption"
+    first.send_signal(signal.SIGINT)
+    try:
+        out_first, _ = first.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        first.kill()
+        out_first, _ = first.communicate()
+
+    # Second run: the same command resumes; finished trials keep their results (not rerun).
+    second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, (out_first[-2000:], second.stdout[-4000:], second.stderr[-4000:])
+    assert "resuming sweep" in second.stdout
+    after = _finished_trials(trial_root)
+    for trial, epochs in before.items():
+        assert after[trial] == epochs, f"finished trial {trial} was rerun"
+    assert len(after) == 4
+
+    best_config = trial_root / "best_config.yaml"
+    assert best_config.is_file()
+    best = load_config(best_config)
+    assert 0.02 <= best.loss.contrastive_temperature <= 0.25
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    parents = client.search_runs([client.get_experiment_by_name("lightbsr-tiny").experiment_id],
+                                 filter_string="tags.`sweep.name` = 'lightbsr-tiny-sweep'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert "best_val_psnr" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best_config.yaml", "trials.md", "trials.png"} <= artifacts
+    children = _mlflow_children(uri, parent.info.run_id)
+    assert len({c.data.tags.get("sweep.trial") for c in children}) == 4
+    rows = json.loads(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path)) and
+                      (tmp_path / "trials.json").read_text())
+    assert any(row["stopped_early"] for row in rows), rows
+    assert max(row["val_psnr"] for row in rows) == pytest.approx(parent.data.metrics["best_val_psnr"])

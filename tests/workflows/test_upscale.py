@@ -1,0 +1,117 @@
+"""`lightbsr upscale` with a checkpoint file: formats kept, outputs complete or absent, bad input named."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightbsr.checkpoint import save_checkpoint
+from lightbsr.images import read_rgb
+from lightbsr.student import Student
+from lightbsr.tiling import upscale
+from workflows.upscale import main
+
+
+def student() -> Student:
+    torch.manual_seed(0)
+    model = Student(scale=2, n_groups=1, n_blocks=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("model") / "student.pt"
+    save_checkpoint(path, student(), role="student", model_config={"scale": 2, "n_groups": 1, "n_blocks": 1},
+                    pca_basis=None)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def photo(sample_images) -> np.ndarray:
+    return read_rgb(sample_images / "eval" / "tulips.png")[50:98, 60:124]  # (48, 64, 3)
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("suffix,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".webp", "WEBP")])
+def test_each_format_comes_back_in_the_same_format_at_twice_the_size(tmp_path, model_path, photo, suffix, fmt):
+    Image.fromarray(photo).save(tmp_path / f"in{suffix}", format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    assert main(["--model", model_path, str(tmp_path / f"in{suffix}"), str(tmp_path / "out") + "/", "--quiet"]) == 0
+    out = tmp_path / "out" / f"in{'.jpg' if fmt == 'JPEG' else suffix}"
+    with Image.open(out) as image:
+        assert image.format == fmt and image.size == (128, 96)
+    if fmt != "JPEG":  # lossless: exactly the model's output on the decoded input
+        direct = upscale(student(), torch.from_numpy(read_rgb(tmp_path / f"in{suffix}"))).numpy()
+        assert np.array_equal(read_rgb(out), direct)
+
+
+def test_format_option_converts_and_a_folder_keeps_its_layout(tmp_path, model_path, photo):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    Image.fromarray(photo).save(tmp_path / "in" / "a.png")
+    Image.fromarray(photo[:, ::-1]).save(tmp_path / "in" / "sub" / "b.jpg", quality=95)
+    (tmp_path / "in" / "notes.txt").write_text("not an image, and not listed")
+    assert main(["--model", model_path, str(tmp_path / "in"), str(tmp_path / "out"), "--format", "webp", "--quiet"]) == 0
+    assert files_under(tmp_path / "out") == ["a.webp", "sub/b.webp"]
+    with Image.open(tmp_path / "out" / "a.webp") as image:
+        assert image.format == "WEBP"
+
+
+def test_output_extension_that_contradicts_the_format_is_refused(tmp_path, model_path, photo, capsys):
+    Image.fromarray(photo).save(tmp_path / "in.png")
+    assert main(["--model", model_path, str(tmp_path / "in.png"), str(tmp_path / "out.jpg"), "--quiet"]) == 1
+    assert "out.jpg: extension .jpg does not match the format PNG" in capsys.readouterr().err
+    assert not (tmp_path / "out.jpg").exists()
+
+
+def bad_inputs(folder: Path, photo: np.ndarray) -> dict[str, str]:
+    """file name -> the words the error must contain."""
+    (folder / "text.png").write_text("this is not an image")
+    Image.fromarray(photo[:1, :1]).save(folder / "tiny.png")
+    rgba = np.dstack([photo, np.full(photo.shape[:2], 200, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    buffer = io.BytesIO()
+    Image.fromarray(photo[..., 0].astype(np.uint16) * 257).save(buffer, format="PNG")
+    (folder / "deep.png").write_bytes(buffer.getvalue())
+    (folder / "empty.png").write_bytes(b"")
+    return {"text.png": "not an image", "tiny.png": "1x1 pixels", "alpha.png": "alpha channel",
+            "deep.png": "16-bit", "empty.png": "empty"}
+
+
+def test_bad_images_are_named_and_leave_no_output(tmp_path, model_path, photo, capsys):
+    (tmp_path / "in").mkdir()
+    for name, words in bad_inputs(tmp_path / "in", photo).items():
+        out = tmp_path / "out" / name
+        assert main(["--model", model_path, str(tmp_path / "in" / name), str(out), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert name in err and words in err, err
+        assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []
+
+
+def test_a_bad_image_in_a_folder_stops_the_run_without_partial_files(tmp_path, model_path, photo, capsys):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(photo).save(tmp_path / "in" / "a_good.png")
+    (tmp_path / "in" / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    assert main(["--model", model_path, str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"]) == 1
+    assert "b_broken.png" in capsys.readouterr().err
+    assert files_under(tmp_path / "out") == ["a_good.png"]  # complete, and no temporary leftovers
+
+
+def test_missing_or_wrong_model_is_named(tmp_path, photo, capsys):
+    Image.fromarray(photo).save(tmp_path / "in.png")
+    (tmp_path / "junk.pt").write_text("junk")
+    for model, words in ((str(tmp_path / "nope.pt"), "nope.pt does not exist"),
+                         (str(tmp_path / "junk.pt"), "junk.pt is not a readable torch checkpoint")):
+        assert main(["--model", model, str(tmp_path / "in.png"), str(tmp_path / "out.png"), "--quiet"]) == 1
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()

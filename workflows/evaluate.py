@@ -1,0 +1,515 @@
+"""`lightbsr evaluate`: the paper's PSNR/SSIM tables on the benchmarks present, and IDR discriminability.
+
+Scoring runs as Ray Data batch inference on an actor pool (GPU actors when the cluster has
+GPUs), or with `--local` in this process; both call the same `Scorer`, so their numbers are
+identical. Each (image, degradation case) row carries the HR file's bytes, so actors need no
+shared filesystem. Big images go through the tiled inference of `lightbsr.tiling`.
+
+Everything (tables, per-image scores, the IDR projection plot) is written to `--out` and logged
+to MLflow (`cfg.tracking_uri`, experiment `cfg.tracking.experiment`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightbsr.checkpoint import CheckpointError, load_checkpoint
+from lightbsr.degrade import degrade, kernel_pca_basis
+from lightbsr.images import ImageError, find_benchmarks, list_images, read_rgb
+from lightbsr.metrics import psnr, ssim
+from lightbsr.protocols import DegradationCase, get_protocol
+from lightbsr.tiling import upscale_tiled
+from workflows import storage
+from workflows.config import Config, load_config
+from workflows.register import RegistryError, fetch_checkpoint
+
+__all__ = [
+    "OURS",
+    "BICUBIC",
+    "PUBLISHED",
+    "Evaluation",
+    "Scorer",
+    "bicubic_upsample",
+    "collect_items",
+    "score_local",
+    "score_with_ray",
+    "build_tables",
+    "probe_scores",
+    "idr_discriminability",
+    "evaluate_model",
+    "main",
+]
+
+OURS = "LightBSR (ours)"
+BICUBIC = "Bicubic"
+SAMPLES_SET = "samples"
+PAPER_SETS = ("Set5", "Set14", "B100", "Urban100")
+IDR_SIGMAS = (0.6, 1.4, 2.2, 3.0, 3.8)  # the degradation grid of the discriminability probe
+
+# Spec section 5: published x4 Y-PSNR (dB); iso_x4 per case, gaussian8 as the mean over its cases.
+_ISO_CASES = ("sigma1.2", "sigma2.4", "sigma3.6")
+PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
+    "iso_x4": {
+        "Bicubic [published]": {"params": "-", "psnr": {
+            "Set5": (27.30, 25.12, 23.40), "Set14": (25.24, 23.83, 22.57),
+            "B100": (25.42, 24.20, 23.15), "Urban100": (22.68, 21.62, 20.65)}},
+        "DASR (CVPR 21) [published]": {"params": "5.8M", "psnr": {
+            "Set5": (31.92, 31.75, 30.59), "Set14": (28.45, 28.28, 27.45),
+            "B100": (27.52, 27.43, 26.83), "Urban100": (25.69, 25.44, 24.66)}},
+    },
+    "gaussian8": {
+        "KDSRs-M (ICLR 23) [published]": {"params": "5.80M", "mean_psnr": {
+            "Set5": 32.02, "Set14": 28.46, "B100": 27.52, "Urban100": 25.96}},
+    },
+}
+
+
+# ----------------------------------------------------------------------------- bicubic baseline
+
+
+def _upsample_matrix(in_size: int, scale: int) -> torch.Tensor:
+    """(in_size*scale, in_size) float64 MATLAB imresize(scale, 'bicubic') weights (a = -0.5), edge taps clamped."""
+    out = torch.arange(1, in_size * scale + 1, dtype=torch.float64)
+    centre = out / scale + 0.5 * (1 - 1 / scale)  # 1-based input coordinate of each output pixel
+    index = torch.floor(centre - 2).unsqueeze(1) + torch.arange(6, dtype=torch.float64)  # (out, 6) taps
+    x = (centre.unsqueeze(1) - index).abs()
+    weight = ((1.5 * x**3 - 2.5 * x**2 + 1) * (x <= 1) + (-0.5 * x**3 + 2.5 * x**2 - 4 * x + 2) * ((x > 1) & (x <= 2)))
+    weight = weight / weight.sum(dim=1, keepdim=True)
+    matrix = torch.zeros(in_size * scale, in_size, dtype=torch.float64)
+    matrix.scatter_add_(1, (index.clamp(1, in_size) - 1).long(), weight)
+    return matrix
+
+
+def bicubic_upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, h*s, w*s): the bicubic baseline row of the tables."""
+    rows = _upsample_matrix(lr.shape[-2], scale).to(lr.dtype)
+    cols = _upsample_matrix(lr.shape[-1], scale).to(lr.dtype)
+    return rows @ lr @ cols.T
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def collect_items(cfg: Config, benchmarks: str | None) -> list[dict[str, Any]]:
+    """One row per (set, image, protocol, case), carrying the HR file's bytes; sorted, so runs match."""
+    sets: dict[str, list[Path]] = {}
+    root = benchmarks or cfg.data.benchmarks
+    if root:
+        sets.update(find_benchmarks(root))
+    if cfg.evaluate.samples and cfg.data.eval_images:
+        sets[SAMPLES_SET] = list_images(cfg.data.eval_images)
+    if not sets:
+        raise ValueError("nothing to evaluate: no benchmark root and evaluate.samples is off")
+    items = []
+    for set_name, paths in sets.items():
+        for path in paths:
+            data = path.read_bytes()
+            for protocol_name in cfg.evaluate.protocols:
+                protocol = get_protocol(protocol_name)
+                for case in protocol.cases:
+                    items.append({"set": set_name, "image": path.name, "protocol": protocol.name,
+                                  "case": case.name, "data": data})
+    return items
+
+
+class Scorer:
+    """Ray Data callable class (one model per actor): a batch of item rows -> their Y-PSNR/SSIM.
+
+    Also called directly for `--local`, so both paths run exactly the same arithmetic.
+    """
+
+    def __init__(self, checkpoint: bytes, tile: int, overlap: int, crop: int | None = None, device: str | None = None):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        with tempfile.TemporaryDirectory(prefix="lightbsr-scorer-") as folder:
+            path = Path(folder, "model.pt")
+            path.write_bytes(checkpoint)
+            self.loaded = load_checkpoint(path, map_location=self.device)
+        self.student = self.loaded.model.to(self.device)
+        self.tile, self.overlap, self.crop = tile, overlap, crop
+
+    def score(self, item: dict[str, Any]) -> dict[str, Any]:
+        key = f"{item['set']}/{item['image']}"
+        pixels = read_rgb(bytes(item["data"]), key)  # (H, W, 3) uint8
+        if self.crop:
+            pixels = pixels[: self.crop, : self.crop]
+        protocol = get_protocol(str(item["protocol"]))
+        if protocol.scale != self.student.scale:
+            raise ValueError(f"protocol {protocol.name} is x{protocol.scale} but the model is x{self.student.scale}")
+        hr = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 255
+        hr, lr = protocol.make_pair(hr, protocol.case(str(item["case"])), key)  # (1, 3, H, W), (1, 3, H/s, W/s)
+        with torch.no_grad():
+            sr = upscale_tiled(self.student, lr.to(self.device), self.tile, self.overlap).cpu()
+        base = bicubic_upsample(lr, protocol.scale)
+        s = protocol.scale
+        return {
+            "set": item["set"], "image": item["image"], "protocol": protocol.name, "case": item["case"],
+            "psnr": float(psnr(sr, hr, s)[0]), "ssim": float(ssim(sr, hr, s)[0]),
+            "bicubic_psnr": float(psnr(base, hr, s)[0]), "bicubic_ssim": float(ssim(base, hr, s)[0]),
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.score({k: batch[k][i] for k in batch}) for i in range(len(batch["set"]))]
+        return {key: np.array([row[key] for row in rows]) for key in rows[0]}
+
+
+def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (r["set"], r["image"], r["protocol"], r["case"]))
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def score_local(items: list[dict[str, Any]], scorer: Scorer) -> list[dict[str, Any]]:
+    return _sorted([scorer.score(item) for item in items])
+
+
+def score_with_ray(items: list[dict[str, Any]], checkpoint: bytes, cfg: Config) -> list[dict[str, Any]]:
+    """The same scoring as Ray Data batch inference on an actor pool; GPU actors when the cluster has GPUs."""
+    from workflows.runtime import init_ray
+
+    ray = init_ray(cfg.ray)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0
+    actors = max(1, min(cfg.evaluate.actors, gpus if use_gpu else cfg.evaluate.actors, len(items)))
+    dataset = ray.data.from_items(items).map_batches(
+        Scorer,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "tile": cfg.evaluate.tile, "overlap": cfg.evaluate.overlap,
+                               "crop": cfg.evaluate.crop, "device": "cuda" if use_gpu else "cpu"},
+        batch_size=cfg.evaluate.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+        num_gpus=1 if use_gpu else 0,
+    )
+    return _sorted([{k: _plain(v) for k, v in row.items()} for row in dataset.take_all()])
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _per_set(rows: list[dict[str, Any]], protocol: str, prefix: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """{set: {case: (mean PSNR, mean SSIM)}} over the set's images, plus a 'mean' case over cases."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    sets = sorted({r["set"] for r in rows if r["protocol"] == protocol}, key=_set_order)
+    for set_name in sets:
+        chosen = [r for r in rows if r["protocol"] == protocol and r["set"] == set_name]
+        cases = list(dict.fromkeys(r["case"] for r in chosen))
+        out[set_name] = {
+            case: (_mean([r[f"{prefix}psnr"] for r in chosen if r["case"] == case]),
+                   _mean([r[f"{prefix}ssim"] for r in chosen if r["case"] == case]))
+            for case in cases
+        }
+        out[set_name]["mean"] = (_mean([v[0] for v in out[set_name].values()]),
+                                 _mean([v[1] for v in out[set_name].values()]))
+    return out
+
+
+def _set_order(name: str) -> tuple[int, str]:
+    order = (*PAPER_SETS, "Manga109", SAMPLES_SET)
+    return (order.index(name) if name in order else len(order), name)
+
+
+def _published_rows(protocol: str, cases: list[str], sets: list[str]) -> list[tuple[str, str, dict[str, dict[str, float]]]]:
+    """(method, params, {set: {case: PSNR}}) for the published figures of the sets present."""
+    rows = []
+    for method, entry in PUBLISHED.get(protocol, {}).items():
+        table: dict[str, dict[str, float]] = {}
+        for set_name in sets:
+            if "psnr" in entry and set_name in entry["psnr"]:
+                table[set_name] = dict(zip(_ISO_CASES, entry["psnr"][set_name]))
+                table[set_name]["mean"] = _mean(list(entry["psnr"][set_name]))
+            elif "mean_psnr" in entry and set_name in entry["mean_psnr"]:
+                table[set_name] = {"mean": entry["mean_psnr"][set_name]}
+        if table:
+            rows.append((method, entry["params"], table))
+    return rows
+
+
+def _cell(values: dict[str, float], cases: list[str], per_case: bool) -> str:
+    if per_case and all(c in values for c in cases):
+        return " / ".join(f"{values[c]:.2f}" for c in cases)
+    return f"{values['mean']:.2f}" if "mean" in values else "-"
+
+
+@dataclass
+class Tables:
+    markdown: str
+    csv: str
+
+
+def build_tables(rows: list[dict[str, Any]], protocols: list[str], params: int) -> Tables:
+    """Paper-style tables: rows = method (and setting), columns = sets; always the bicubic row.
+
+    Markdown: per protocol, cells 'case1 / case2 / case3' when there are at most three cases
+    (the paper's setting-1 layout), else the mean over cases. CSV: one line per method and case
+    (plus 'mean'), with '<set> PSNR' and '<set> SSIM' columns.
+    """
+    md: list[str] = []
+    all_sets = sorted({r["set"] for r in rows}, key=_set_order)
+    header = ["method", "params", "protocol", "setting", "case"] + [f"{s} {m}" for s in all_sets for m in ("PSNR", "SSIM")]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for name in protocols:
+        protocol = get_protocol(name)
+        ours, base = _per_set(rows, name, ""), _per_set(rows, name, "bicubic_")
+        sets = list(ours)
+        cases = [c.name for c in protocol.cases]
+        per_case = len(cases) <= 3
+        measured = [(BICUBIC, "-", base), (OURS, f"{params / 1e6:.2f}M", ours)]
+        published = _published_rows(name, cases, sets)
+        shown = ", ".join(cases) if per_case else f"mean over {len(cases)} cases"
+        md += [f"### {name}: {protocol.description} (x{protocol.scale} Y-PSNR dB; {shown})", "",
+               "| method | params | " + " | ".join(sets) + " |", "| --- | --- |" + " --- |" * len(sets)]
+        psnr_only = [(m, p, {s: {c: v[0] for c, v in t.items()} for s, t in table.items()}) for m, p, table in measured]
+        for method, p, table in [psnr_only[0], *published, psnr_only[1]]:
+            cells = [_cell(table.get(s, {}), cases, per_case) for s in sets]
+            md.append(f"| {method} | {p} | " + " | ".join(cells) + " |")
+        md.append("")
+        for method, p, table in measured:
+            for case in cases + ["mean"]:
+                line = [method, p, name, protocol.setting, case]
+                for s in all_sets:
+                    value = table.get(s, {}).get(case)
+                    line += [f"{value[0]:.4f}", f"{value[1]:.4f}"] if value else ["", ""]
+                writer.writerow(line)
+        for method, p, tab in published:
+            for case in cases + ["mean"]:
+                line = [method, p, name, protocol.setting, case]
+                for s in all_sets:
+                    value = tab.get(s, {}).get(case)
+                    line += [f"{value:.2f}", ""] if value is not None else ["", ""]
+                if any(line[5:]):
+                    writer.writerow(line)
+    return Tables("\n".join(md), buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------- IDR discriminability
+
+
+def _patches(paths: list[Path], count: int, size: int, seed: int) -> torch.Tensor:
+    """`count` random HR crops (size x size) from the images, fixed by `seed` -> (count, 3, size, size)."""
+    rng = np.random.default_rng(seed)
+    images = [read_rgb(p) for p in paths]
+    crops = []
+    for i in range(count):
+        image = images[i % len(images)]
+        height, width, _ = image.shape
+        if min(height, width) < size:
+            raise ValueError(f"{paths[i % len(paths)]}: {width}x{height} is smaller than the IDR patch {size}")
+        y, x = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
+        crops.append(image[y : y + size, x : x + size])
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
+
+
+def idr_features(model: torch.nn.Module, role: str, hr: torch.Tensor, scale: int, basis: torch.Tensor | None,
+                 setting: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled IDRs (N * len(IDR_SIGMAS), 128) of HR patches degraded with each grid sigma, and labels."""
+    features, labels = [], []
+    for label, sigma in enumerate(IDR_SIGMAS):
+        case = DegradationCase(name=f"sigma{sigma}", sigma=sigma)
+        generator = torch.Generator().manual_seed(seed + label)
+        lr = degrade(hr, case.kernel().unsqueeze(0), scale, None, generator)  # (N, 3, h, w)
+        with torch.no_grad():
+            if role == "teacher":
+                prior = case.prior(basis, with_noise=setting == 2).expand(lr.shape[0], -1)
+                idr = model.encode(lr, prior)
+            else:
+                idr = model.encode(lr)
+        features.append(idr.mean(dim=(2, 3)).numpy())  # (N, 128, h/4, w/4) -> (N, 128)
+        labels.append(np.full(lr.shape[0], label))
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def probe_scores(features: np.ndarray, labels: np.ndarray, train: np.ndarray) -> dict[str, float]:
+    """Linear-probe accuracy on the held-out rows (~train) and the silhouette of the degradation clusters."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import silhouette_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    probe.fit(features[train], labels[train])
+    accuracy = float((probe.predict(features[~train]) == labels[~train]).mean())
+    # on the raw features: per-dimension standardising would inflate dimensions that carry only noise
+    return {"probe_accuracy": accuracy, "silhouette": float(silhouette_score(features, labels)),
+            "chance": 1.0 / len(np.unique(labels))}
+
+
+def _projection_png(embeddings: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    fig, axes = plt.subplots(1, len(embeddings), figsize=(5 * len(embeddings), 4.5), squeeze=False)
+    for ax, (name, (features, labels)) in zip(axes[0], embeddings.items()):
+        points = PCA(n_components=2).fit_transform((features - features.mean(0)) / (features.std(0) + 1e-8))
+        scatter = ax.scatter(points[:, 0], points[:, 1], c=[IDR_SIGMAS[i] for i in labels], cmap="viridis", s=12)
+        ax.set_title(f"{name} IDR (pooled), PCA")
+        fig.colorbar(scatter, ax=ax, label="blur sigma")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def idr_discriminability(models: dict[str, Any], paths: list[Path], cfg: Config) -> tuple[dict[str, dict[str, float]], bytes]:
+    """Probe scores per model ({'student': Loaded, 'teacher': Loaded}) and the projection plot (PNG bytes).
+
+    Patches are split by content: the probe trains on the first half of the patches (all
+    degradations) and is scored on the other half, so it cannot recognise the picture.
+    """
+    hr = _patches(paths, cfg.evaluate.idr_patches, cfg.evaluate.idr_patch, cfg.train.seed)
+    scores, embeddings = {}, {}
+    for name, loaded in models.items():
+        basis = loaded.pca_basis if loaded.pca_basis is not None else kernel_pca_basis(cfg.model.pca_seed)
+        features, labels = idr_features(loaded.model, loaded.role, hr, loaded.scale, basis, loaded.setting)
+        train = np.tile(np.arange(len(hr)) < len(hr) // 2, len(IDR_SIGMAS))
+        scores[name] = probe_scores(features, labels, train)
+        embeddings[name] = (features, labels)
+    return scores, _projection_png(embeddings)
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+@dataclass
+class Evaluation:
+    rows: list[dict[str, Any]]
+    tables: Tables
+    idr: dict[str, dict[str, float]] = field(default_factory=dict)
+    idr_plot: bytes | None = None
+    run_id: str | None = None
+
+
+def _per_image_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _outputs(result: Evaluation) -> dict[str, bytes]:
+    files = {"table.md": result.tables.markdown.encode(), "table.csv": result.tables.csv.encode(),
+             "per_image.csv": _per_image_csv(result.rows).encode()}
+    if result.idr:
+        files["idr.json"] = json.dumps(result.idr, indent=2).encode()
+    if result.idr_plot:
+        files["idr_projection.png"] = result.idr_plot
+    return files
+
+
+def _metric_name(*parts: str) -> str:
+    return "/".join(p.replace(" ", "_").replace("(", "").replace(")", "") for p in parts)
+
+
+def log_to_mlflow(result: Evaluation, cfg: Config, model_ref: str, files: dict[str, bytes]) -> str:
+    import mlflow
+
+    from workflows import tracking
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name="evaluate") as run:
+        mlflow.log_params({"model": model_ref, "protocols": ",".join(cfg.evaluate.protocols),
+                           "sets": ",".join(sorted({r["set"] for r in result.rows})),
+                           "tile": cfg.evaluate.tile, "overlap": cfg.evaluate.overlap, "crop": cfg.evaluate.crop})
+        metrics = {}
+        for line in csv.DictReader(io.StringIO(result.tables.csv)):
+            if line["method"] not in (OURS, BICUBIC):
+                continue
+            for column, value in line.items():
+                if column.endswith((" PSNR", " SSIM")) and value:
+                    set_name, metric = column.rsplit(" ", 1)
+                    key = _metric_name("bicubic" if line["method"] == BICUBIC else "ours", metric.lower(),
+                                       line["protocol"], set_name, line["case"])
+                    metrics[key] = float(value)
+        for model, values in result.idr.items():
+            metrics.update({_metric_name("idr", model, k): v for k, v in values.items()})
+        mlflow.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            for name, data in files.items():
+                Path(folder, name).write_bytes(data)
+                mlflow.log_artifact(str(Path(folder, name)), artifact_path="evaluation")
+        return run.info.run_id
+
+
+def evaluate_model(model_ref: str, cfg: Config, *, benchmarks: str | None = None, local: bool = False,
+                   teacher_ref: str | None = None, idr: bool = True, out: str | None = None,
+                   log: bool = True) -> Evaluation:
+    """Score `model_ref` on every benchmark set present plus the evaluation images; tables, IDR probe, MLflow."""
+    with tempfile.TemporaryDirectory(prefix="lightbsr-evaluate-") as workdir:
+        checkpoint_file = fetch_checkpoint(model_ref, cfg, workdir)
+        if checkpoint_file.is_dir():
+            checkpoint_file = checkpoint_file / "model.pt"
+        checkpoint = checkpoint_file.read_bytes()
+        scorer = Scorer(checkpoint, cfg.evaluate.tile, cfg.evaluate.overlap, cfg.evaluate.crop, device="cpu")
+        if scorer.loaded.role != "student":
+            raise CheckpointError(f"{model_ref} holds a {scorer.loaded.role}; the tables score a student")
+        teacher = load_checkpoint(fetch_checkpoint(teacher_ref, cfg, workdir), role="teacher") if teacher_ref else None
+    items = collect_items(cfg, benchmarks)
+    rows = score_local(items, scorer) if local else score_with_ray(items, checkpoint, cfg)
+    params = sum(p.numel() for p in scorer.student.parameters())
+    result = Evaluation(rows, build_tables(rows, list(cfg.evaluate.protocols), params))
+    if idr:
+        models = {"student": scorer.loaded, **({"teacher": teacher} if teacher else {})}
+        result.idr, result.idr_plot = idr_discriminability(models, list_images(cfg.data.eval_images), cfg)
+    files = _outputs(result)
+    if out:
+        for name, data in files.items():
+            storage.atomic_write_bytes(storage.join(out, name), data, cfg.storage.s3)
+    if log:
+        result.run_id = log_to_mlflow(result, cfg, model_ref, files)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightbsr evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint path (ours or the authors'), s3:// URL or models:/name@alias")
+    parser.add_argument("--benchmarks", help="<root>/<Set5|Set14|B100|Urban100|Manga109>/HR/*.png (default: data.benchmarks)")
+    parser.add_argument("--teacher", help="teacher checkpoint, to compare its IDR with the student's")
+    parser.add_argument("--out", help="folder or URL for the tables (default: <storage.root>/evaluation)")
+    parser.add_argument("--local", action="store_true", help="score in this process instead of Ray Data")
+    parser.add_argument("--no-idr", action="store_true", help="skip the IDR discriminability probe")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--config", help="YAML config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        result = evaluate_model(args.model, cfg, benchmarks=args.benchmarks, local=args.local, teacher_ref=args.teacher,
+                                idr=not args.no_idr, out=args.out or cfg.url("evaluation"), log=not args.no_mlflow)
+    except (ImageError, CheckpointError, RegistryError, storage.StorageError, ValueError) as error:
+        print(f"lightbsr evaluate: {error}", file=sys.stderr)
+        return 1
+    print(result.tables.markdown)
+    for model, values in result.idr.items():
+        print(f"IDR {model}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

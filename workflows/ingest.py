@@ -1,0 +1,486 @@
+"""Ray Data pipelines: degraded LR/HR training batches streamed from parquet shards, and
+evaluation LR/HR shards degraded once per protocol.
+
+Training stream. Sample g = 0, 1, 2, ... of a run is fixed by the config alone:
+
+* epoch e holds samples [e R, (e + 1) R), R = `rows_per_epoch(cfg)` (iterations x global batch);
+* pass k = g // T (T = tiles in the shards) holds every tile exactly once: the shards in a seeded
+  order, taken SHARD_WINDOW at a time, the tiles of a window shuffled together (so a task reads
+  a few shards, not one shard per tile, yet a batch mixes tiles of several shards);
+* sample g's crops, flips and degradation are drawn from generators seeded by
+  (train.seed, epoch, g, tile_id): a new draw every epoch, the same draw in every run.
+
+The dataset of a run that starts at epoch e0 is `range(chunks)` -> one Ray task per chunk of
+`chunk_rows(cfg)` consecutive samples (read the shards it needs, decode, crop, degrade; CPU
+only, within `data.data_cpus`) -> rows. Chunks keep their order (preserve_order) and hold a
+whole number of per-worker batches, so Ray Train's streaming split (equal=True) deals them out
+round-robin and every worker's epoch e is exactly its share of samples [e R, (e + 1) R):
+a run resumed at an epoch boundary sees exactly the data the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from lightbsr.degrade import Degradation, DegradationSampler, kernel_pca_basis
+from lightbsr.images import IMAGE_EXTENSIONS, encode_png, read_rgb
+from lightbsr.protocols import get_protocol
+from workflows import storage
+from workflows.config import Config, S3Config
+from workflows.shards import load_manifest
+
+__all__ = [
+    "EVAL_SCHEMA",
+    "EvalPair",
+    "SampleSpec",
+    "ShardInfo",
+    "chunk_rows",
+    "epoch_samples",
+    "list_shards",
+    "make_chunk",
+    "pass_slots",
+    "read_eval_shards",
+    "rows_per_epoch",
+    "sample_spec",
+    "training_data_config",
+    "training_dataset",
+    "write_eval_shards",
+]
+
+Stage = Literal["teacher", "student"]
+
+SHARD_NAME = re.compile(r"^shard-\d+\.parquet$")
+#: shards whose tiles are shuffled together within a pass (a chunk reads at most this many).
+SHARD_WINDOW = 4
+#: upper bound on the samples one Ray task makes (a chunk is also a divisor of the worker batch).
+MAX_CHUNK_ROWS = 16
+#: tiles of recently read shards kept per Ray worker process (a window's shards are reused).
+SHARD_CACHE_SIZE = 2 * SHARD_WINDOW
+#: domain tags, so the noise generator never shares a stream with a sample's generator.
+_SAMPLE_TAG, _NOISE_TAG, _PASS_TAG = 0, 1, 2
+EVAL_ROWS_PER_SHARD = 64
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    rows: int
+
+
+def list_shards(url: str, cfg: Config) -> tuple[ShardInfo, ...]:
+    """The shards under `url` with their tile counts, from its manifest.json (or, when a folder has
+    no manifest, from the `shard-NNNNN.parquet` files and their parquet footers).
+
+    An incomplete manifest (`lightbsr shards` still running or stopped) is an error, so a run
+    never trains on a fraction of the data without saying so.
+    """
+    manifest = load_manifest(url, cfg)
+    if manifest is not None:
+        if not manifest.complete:
+            raise ValueError(f"{storage.redact(url)}: the shards are incomplete (manifest.json says so); "
+                             "rerun `lightbsr shards` to finish them")
+        shards = tuple(ShardInfo(storage.join(url, e.name), e.tiles) for e in manifest.shards if e.tiles > 0)
+    else:
+        names = [name for name in storage.list_files(url, cfg.storage.s3) if SHARD_NAME.match(name)]
+        shards = tuple(ShardInfo(storage.join(url, name), _footer_rows(storage.join(url, name), cfg.storage.s3))
+                       for name in names)
+    if not shards:
+        raise ValueError(f"{storage.redact(url)}: no shard-NNNNN.parquet files with tiles (run `lightbsr shards` first)")
+    return shards
+
+
+def _footer_rows(url: str, s3_cfg: S3Config) -> int:
+    fs, path = storage.filesystem(url, s3_cfg)
+    return int(storage.retrying("read the footer of", url, lambda: pq.ParquetFile(path, filesystem=fs).metadata.num_rows, s3_cfg))
+
+
+@functools.lru_cache(maxsize=SHARD_CACHE_SIZE)
+def _read_shard(url: str, s3_json: str) -> pa.Table:
+    s3_cfg = S3Config.model_validate_json(s3_json)
+    fs, path = storage.filesystem(url, s3_cfg)
+    return storage.retrying(
+        "read", url, lambda: pq.read_table(path, filesystem=fs, columns=["tile_id", "image"]), s3_cfg
+    )
+
+
+# ----------------------------------------------------------------------------- sample plan
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything a Ray task needs to make any sample of the run (small; shipped to each task)."""
+
+    shards: tuple[ShardInfo, ...]
+    s3_json: str
+    seed: int
+    scale: int
+    setting: int
+    basis: torch.Tensor  # (441, 15) kernel PCA basis
+    patch: int  # LR patch side
+    views: int
+    rows_per_epoch: int
+    chunk: int
+    first_sample: int  # global index of the run's first sample (start_epoch x rows_per_epoch)
+    with_kernels: bool = False
+
+    @property
+    def tiles(self) -> int:
+        return sum(shard.rows for shard in self.shards)
+
+
+def rows_per_epoch(cfg: Config) -> int:
+    """Samples per epoch: `schedule.iters_per_epoch` iterations of `train.batch_size`."""
+    return cfg.schedule.iters_per_epoch * cfg.train.batch_size
+
+
+def chunk_rows(cfg: Config) -> int:
+    """Samples per Ray task: the largest divisor of the per-worker batch up to MAX_CHUNK_ROWS.
+
+    Dividing the per-worker batch is what keeps epochs aligned under the round-robin split.
+    """
+    per_worker = cfg.train.batch_size // cfg.train.num_workers
+    return max(d for d in range(1, min(per_worker, MAX_CHUNK_ROWS) + 1) if per_worker % d == 0)
+
+
+def sample_spec(
+    cfg: Config,
+    stage: Stage,
+    basis: torch.Tensor,
+    start_epoch: int = 0,
+    shards: tuple[ShardInfo, ...] | None = None,
+    with_kernels: bool = False,
+) -> SampleSpec:
+    """The spec of a run's training samples; `with_kernels` adds each row's blur kernel (for checks)."""
+    if stage not in ("teacher", "student"):
+        raise ValueError(f"stage: expected 'teacher' or 'student', got {stage!r}")
+    if cfg.train.seed < 0:
+        raise ValueError(f"train.seed: expected a seed >= 0, got {cfg.train.seed}")
+    if not 0 <= start_epoch < cfg.schedule.epochs:
+        raise ValueError(f"start_epoch: expected 0 <= start_epoch < schedule.epochs ({cfg.schedule.epochs}), got {start_epoch}")
+    s3_cfg = cfg.storage.s3
+    shards = shards if shards is not None else list_shards(cfg.shards_url, cfg)
+    return SampleSpec(
+        shards=shards,
+        s3_json=s3_cfg.model_dump_json(),
+        seed=cfg.train.seed,
+        scale=cfg.model.scale,
+        setting=cfg.model.setting,
+        basis=basis.detach().to("cpu", torch.float32),
+        patch=cfg.data.patch_size,
+        views=cfg.data.views if stage == "teacher" else 1,
+        rows_per_epoch=rows_per_epoch(cfg),
+        chunk=chunk_rows(cfg),
+        first_sample=start_epoch * rows_per_epoch(cfg),
+        with_kernels=with_kernels,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def pass_slots(shard_rows: tuple[int, ...], seed: int, pass_index: int) -> np.ndarray:
+    """(T, 2) int64 [shard index, row in shard] of every tile, in the order pass `pass_index` takes them."""
+    rng = np.random.default_rng([seed, pass_index, _PASS_TAG])
+    order = rng.permutation(len(shard_rows))
+    windows = []
+    for start in range(0, len(order), SHARD_WINDOW):
+        slots = np.concatenate(
+            [np.stack([np.full(shard_rows[k], k), np.arange(shard_rows[k])], axis=1) for k in order[start:start + SHARD_WINDOW]]
+        )
+        windows.append(slots[rng.permutation(len(slots))])
+    return np.concatenate(windows).astype(np.int64)
+
+
+def _slots_of(spec: SampleSpec, samples: np.ndarray) -> np.ndarray:
+    """Global sample indices (n,) -> (n, 2) [shard index, row]."""
+    shard_rows = tuple(shard.rows for shard in spec.shards)
+    passes, positions = np.divmod(samples, spec.tiles)
+    out = np.empty((len(samples), 2), dtype=np.int64)
+    for k in np.unique(passes):
+        mask = passes == k
+        out[mask] = pass_slots(shard_rows, spec.seed, int(k))[positions[mask]]
+    return out
+
+
+def _load_tiles(spec: SampleSpec, slots: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decode the tiles at `slots` (n, 2) -> n uint8 (H, W, 3) arrays and their tile ids (n,)."""
+    images, tile_ids = [], np.empty(len(slots), dtype=np.int64)
+    for i, (shard_index, row) in enumerate(slots):
+        shard = spec.shards[shard_index]
+        table = _read_shard(shard.url, spec.s3_json)
+        tile_ids[i] = table.column("tile_id")[int(row)].as_py()
+        name = f"{storage.redact(shard.url)} row {row} (tile {tile_ids[i]})"
+        images.append(read_rgb(table.column("image")[int(row)].as_py(), name))
+    return images, tile_ids
+
+
+# ----------------------------------------------------------------------------- augmentation + degradation
+
+
+def _sample_seed(spec: SampleSpec, sample: int, tile_id: int) -> np.random.SeedSequence:
+    epoch = sample // spec.rows_per_epoch
+    return np.random.SeedSequence([spec.seed, epoch, sample, int(tile_id), _SAMPLE_TAG])
+
+
+def _torch_generator(seed_sequence: np.random.SeedSequence) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed_sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
+
+
+def _augmented_views(tile: np.ndarray, size: int, views: int, rng: np.random.Generator, name: str) -> np.ndarray:
+    """`views` random size x size crops of an (H, W, 3) tile, each flipped / transposed at random -> (V, 3, size, size)."""
+    height, width = tile.shape[:2]
+    if height < size or width < size:
+        raise ValueError(f"{name}: a {width}x{height} tile is smaller than the HR patch {size}x{size}")
+    out = np.empty((views, 3, size, size), dtype=np.uint8)
+    for v in range(views):
+        top, left = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
+        hflip, vflip, transpose = rng.integers(0, 2, size=3)
+        patch = tile[top:top + size, left:left + size]
+        if hflip:
+            patch = patch[:, ::-1]
+        if vflip:
+            patch = patch[::-1]
+        if transpose:
+            patch = patch.transpose(1, 0, 2)
+        out[v] = patch.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    return out
+
+
+def _stack_degradations(items: list[Degradation]) -> Degradation:
+    return Degradation(**{f.name: torch.cat([getattr(d, f.name) for d in items]) for f in dataclasses.fields(Degradation)})
+
+
+def make_chunk(spec: SampleSpec, chunk_index: int) -> dict[str, np.ndarray]:
+    """The rows of chunk `chunk_index` of the run (pure function of spec and index; runs in a Ray task).
+
+    lr uint8 (n, V, 3, p, p), hr uint8 (n, V, 3, p*s, p*s), prior float32 (n, P),
+    noise_sigma float32 (n,) on the 0..255 scale, tile_id int64 (n,) [, kernel float32 (n, 21, 21)].
+    """
+    start = spec.first_sample + chunk_index * spec.chunk
+    samples = np.arange(start, start + spec.chunk, dtype=np.int64)
+    tiles, tile_ids = _load_tiles(spec, _slots_of(spec, samples))
+    hr_size = spec.patch * spec.scale
+    hr, degradations = [], []
+    sampler = DegradationSampler(spec.scale, spec.setting, spec.basis)
+    for tile, sample, tile_id in zip(tiles, samples, tile_ids):
+        crop_seed, degradation_seed = _sample_seed(spec, int(sample), int(tile_id)).spawn(2)
+        hr.append(_augmented_views(tile, hr_size, spec.views, np.random.default_rng(crop_seed), f"tile {tile_id}"))
+        degradations.append(sampler.sample(1, _torch_generator(degradation_seed)))
+    hr_views = torch.from_numpy(np.stack(hr))  # (n, V, 3, P, P) uint8
+    degradation = _stack_degradations(degradations)
+    noise = _torch_generator(np.random.SeedSequence([spec.seed, int(start), _NOISE_TAG]))
+    with torch.inference_mode():
+        lr = sampler.degrade_views(hr_views.float() / 255.0, degradation, noise)  # (n, V, 3, p, p) in [0, 1]
+    rows = {
+        "lr": (lr * 255.0).round().to(torch.uint8).numpy(),
+        "hr": hr_views.numpy(),
+        "prior": degradation.prior.to(torch.float32).numpy(),
+        "noise_sigma": degradation.noise_sigma.to(torch.float32).numpy(),
+        "tile_id": tile_ids,
+    }
+    if spec.with_kernels:
+        rows["kernel"] = degradation.kernel.numpy()
+    return rows
+
+
+def _chunks_to_rows(batch: dict[str, np.ndarray], spec: SampleSpec) -> dict[str, np.ndarray]:
+    parts = [make_chunk(spec, int(index)) for index in batch["id"]]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def epoch_samples(spec: SampleSpec, epoch: int) -> tuple[int, int]:
+    """[first, stop) global sample indices of `epoch`."""
+    return epoch * spec.rows_per_epoch, (epoch + 1) * spec.rows_per_epoch
+
+
+# ----------------------------------------------------------------------------- Ray Data
+
+
+def _execution_options(cfg: Config):
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    return ExecutionOptions(preserve_order=True, resource_limits=ExecutionResources(cpu=cfg.data.data_cpus))
+
+
+def training_dataset(
+    cfg: Config,
+    stage: Stage,
+    basis: torch.Tensor,
+    start_epoch: int = 0,
+    *,
+    epochs: int | None = None,
+    shards: tuple[ShardInfo, ...] | None = None,
+    with_kernels: bool = False,
+    runtime_env: dict | None = None,
+):
+    """The `ray.data.Dataset` of training rows from `start_epoch` to the end of the schedule.
+
+    Consume it once per run (the loop counts `schedule.iters_per_epoch` batches of
+    `train.batch_size // train.num_workers` rows per epoch); pass `training_data_config(cfg)` to
+    the TorchTrainer so Train keeps the order and CPU budget set here. `epochs` limits the stream;
+    `runtime_env` goes to the decode + degrade tasks (e.g. S3 settings for workers started
+    without them; Ray shows a runtime_env in its dashboard, so prefer the workers' own AWS chain).
+    """
+    import ray.data
+
+    spec = sample_spec(cfg, stage, basis, start_epoch, shards, with_kernels)
+    stop_epoch = cfg.schedule.epochs if epochs is None else min(cfg.schedule.epochs, start_epoch + epochs)
+    if stop_epoch <= start_epoch:
+        raise ValueError(f"epochs: expected at least one epoch from {start_epoch}, got {epochs}")
+    chunks = (stop_epoch - start_epoch) * spec.rows_per_epoch // spec.chunk
+    ds = (
+        ray.data.range(chunks, override_num_blocks=max(1, min(chunks, 4 * (stop_epoch - start_epoch))))
+        .repartition(target_num_rows_per_block=1)  # one chunk per block -> one chunk per task
+        .map_batches(
+            _chunks_to_rows, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec}, num_cpus=1,
+            **({"runtime_env": runtime_env} if runtime_env else {}),
+        )
+    )
+    ds.context.execution_options = _execution_options(cfg)
+    return ds
+
+
+def training_data_config(cfg: Config):
+    """The `ray.train.DataConfig` that keeps chunk order and the Ray Data CPU budget under Train.
+
+    Shard locality is off: it would deal chunks to workers by node, breaking the round-robin
+    that aligns epochs (the cost is a cross-node copy of LR/HR patches, small next to a step).
+    """
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options=_execution_options(cfg), enable_shard_locality=False)
+
+
+# ----------------------------------------------------------------------------- evaluation shards
+
+EVAL_SCHEMA = pa.schema([
+    ("image_key", pa.string()),  # path of the HR image relative to the images URL
+    ("case", pa.string()),  # DegradationCase.name
+    ("lr", pa.binary()),  # PNG of the LR image, exactly protocol.make_lr's pixels
+    ("hr", pa.binary()),  # PNG of the HR image cropped to a multiple of the scale
+    ("prior", pa.list_(pa.float32())),  # the teacher prior of the case (15 or 18 values)
+    ("noise_sigma", pa.float32()),  # 0..255 scale
+])
+EVAL_MANIFEST = "manifest.json"
+EVAL_FORMAT = "lightbsr-eval-shards/1"
+
+
+@dataclass(frozen=True)
+class EvalPair:
+    image_key: str
+    case: str
+    lr: np.ndarray  # uint8 (h, w, 3)
+    hr: np.ndarray  # uint8 (h*s, w*s, 3)
+    prior: np.ndarray  # float32 (15,) or (18,)
+    noise_sigma: float
+
+
+def _eval_images(images_url: str, cfg: Config) -> list[str]:
+    names = [n for n in storage.list_files(images_url, cfg.storage.s3) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not names:
+        raise ValueError(f"{storage.redact(images_url)}: no images ({', '.join(IMAGE_EXTENSIONS)}) to evaluate on")
+    return names
+
+
+def _eval_manifest(protocol_name: str, images: list[str], shards: list[dict], complete: bool) -> bytes:
+    body = {"format": EVAL_FORMAT, "protocol": protocol_name, "complete": complete, "images": images,
+            "rows": sum(s["rows"] for s in shards), "shards": shards}
+    return (json.dumps(body, indent=1) + "\n").encode()
+
+
+def _load_eval_manifest(dst_url: str, s3_cfg: S3Config) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(storage.join(dst_url, EVAL_MANIFEST), s3_cfg))
+    except FileNotFoundError:
+        return None
+
+
+def _pairs_of_image(protocol, image_key: str, pixels: np.ndarray, basis: torch.Tensor) -> list[dict]:
+    hr = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+    rows = []
+    for case in protocol.cases:
+        cropped, lr = protocol.make_pair(hr, case, image_key)
+        rows.append({
+            "image_key": image_key,
+            "case": case.name,
+            "lr": encode_png(_to_uint8_hwc(lr)),
+            "hr": encode_png(_to_uint8_hwc(cropped)),
+            "prior": protocol.prior(case, basis).tolist(),
+            "noise_sigma": float(case.noise_sigma),
+        })
+    return rows
+
+
+def _to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+    return (image * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
+
+
+def write_eval_shards(
+    images_url: str, protocol_name: str, dst_url: str, cfg: Config, basis: torch.Tensor | None = None
+) -> dict:
+    """Degrade every image under `images_url` with every case of the protocol, once, into LR/HR
+    parquet shards under `dst_url` (EVAL_SCHEMA) plus manifest.json; returns the manifest.
+
+    A complete manifest for the same protocol and images means the work is done: nothing is
+    redone. `basis` (the PCA basis of the model to score) defaults to `model.pca_seed`'s.
+    """
+    protocol = get_protocol(protocol_name)
+    images = _eval_images(images_url, cfg)
+    s3_cfg = cfg.storage.s3
+    previous = _load_eval_manifest(dst_url, s3_cfg)
+    if previous and previous.get("complete") and previous["protocol"] == protocol_name and previous["images"] == images:
+        return previous
+    basis = kernel_pca_basis(seed=cfg.model.pca_seed) if basis is None else basis
+    rows: list[dict] = []
+    shards: list[dict] = []
+
+    def flush() -> None:
+        name = f"shard-{len(shards):05d}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), sink)
+        storage.atomic_write_bytes(storage.join(dst_url, name), sink.getvalue().to_pybytes(), s3_cfg)
+        shards.append({"name": name, "rows": len(rows)})
+        rows.clear()
+
+    for name in images:
+        pixels = read_rgb(storage.read_bytes(storage.join(images_url, name), s3_cfg), name=name)
+        rows.extend(_pairs_of_image(protocol, name, pixels, basis))
+        if len(rows) >= EVAL_ROWS_PER_SHARD:
+            flush()
+    if rows:
+        flush()
+    manifest = _eval_manifest(protocol_name, images, shards, complete=True)
+    storage.atomic_write_bytes(storage.join(dst_url, EVAL_MANIFEST), manifest, s3_cfg)
+    return json.loads(manifest)
+
+
+def read_eval_shards(url: str, cfg: Config | None = None) -> list[EvalPair]:
+    """Every LR/HR pair written by `write_eval_shards` under `url`, decoded, in written order."""
+    s3_cfg = cfg.storage.s3 if cfg is not None else None
+    manifest = _load_eval_manifest(url, s3_cfg)
+    if manifest is None or not manifest.get("complete"):
+        raise ValueError(f"{storage.redact(url)}: no complete evaluation shards (run write_eval_shards first)")
+    pairs = []
+    for shard in manifest["shards"]:
+        shard_url = storage.join(url, shard["name"])
+        table = pq.read_table(io.BytesIO(storage.read_bytes(shard_url, s3_cfg)))
+        for row in table.to_pylist():
+            name = f"{storage.redact(shard_url)} {row['image_key']} {row['case']}"
+            pairs.append(EvalPair(
+                image_key=row["image_key"], case=row["case"], lr=read_rgb(row["lr"], f"{name} lr"),
+                hr=read_rgb(row["hr"], f"{name} hr"), prior=np.asarray(row["prior"], dtype=np.float32),
+                noise_sigma=float(row["noise_sigma"]),
+            ))
+    return pairs

@@ -1,0 +1,167 @@
+"""End to end: samples/shards -> teacher -> student -> evaluate -> register.
+
+Each step records what it produced in `<storage.root>/pipeline/<run_name>/<step>.json` (written
+whole, then renamed); a rerun skips every step whose record exists, so an interrupted pipeline
+continues where it stopped. `ray job submit -- python -m workflows.pipeline --config ...` runs it
+on a cluster; locally it starts a private Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from workflows.config import Config, ConfigError, load_config
+
+STEPS = ("samples", "shards", "teacher", "student", "evaluate", "register")
+
+
+def _record_url(cfg: Config, step: str) -> str:
+    return cfg.url("pipeline", cfg.train.run_name, f"{step}.json")
+
+
+def read_record(cfg: Config, step: str) -> dict[str, Any] | None:
+    from workflows import storage
+
+    url = _record_url(cfg, step)
+    if not storage.exists(url, cfg.storage.s3):
+        return None
+    return json.loads(storage.read_bytes(url, cfg.storage.s3))
+
+
+def write_record(cfg: Config, step: str, record: dict[str, Any]) -> None:
+    from workflows import storage
+
+    payload = json.dumps({"step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record},
+                         indent=2, default=str)
+    storage.atomic_write_bytes(_record_url(cfg, step), payload.encode(), cfg.storage.s3)
+
+
+def step_samples(cfg: Config, done: dict) -> dict:
+    """Real sample photographs, only when the configured image folders are missing."""
+    from pathlib import Path
+
+    from lightbsr.samples import extract_samples
+
+    folders = [cfg.data.train_images, cfg.data.eval_images]
+    missing = [f for f in folders if "://" not in f and not Path(f).is_dir()]
+    if not missing:
+        return {"skipped": "image folders exist", "folders": folders}
+    roots = {Path(f).parent for f in missing}
+    if len(roots) != 1 or {Path(f).name for f in missing} - {"train", "eval"}:
+        raise ConfigError(f"data.train_images / data.eval_images: {missing} do not exist "
+                          "(the sample images are extracted only into <dir>/train and <dir>/eval)")
+    root = roots.pop()
+    extract_samples(root)
+    return {"folder": str(root)}
+
+
+def step_shards(cfg: Config, done: dict) -> dict:
+    from workflows.shards import write_shards
+
+    manifest = write_shards(cfg.data.train_images, cfg.shards_url, cfg)
+    return {"shards": cfg.shards_url, "manifest": _as_dict(manifest)}
+
+
+def step_teacher(cfg: Config, done: dict) -> dict:
+    from workflows.train import train_stage
+
+    return _as_dict(train_stage(cfg, "teacher"))
+
+
+def step_student(cfg: Config, done: dict) -> dict:
+    from workflows.train import train_stage
+
+    if not cfg.train.teacher_checkpoint:
+        cfg = cfg.model_copy(deep=True)
+        cfg.train.teacher_checkpoint = done["teacher"]["checkpoint"]
+    return _as_dict(train_stage(cfg, "student"))
+
+
+def step_evaluate(cfg: Config, done: dict) -> dict:
+    from workflows.evaluate import evaluate_model
+
+    return _as_dict(evaluate_model(done["student"]["checkpoint"], cfg))
+
+
+def step_register(cfg: Config, done: dict) -> dict:
+    from workflows.register import register_model
+
+    return _as_dict(register_model(done["student"]["checkpoint"], cfg, evaluation=done.get("evaluate")))
+
+
+STEP_FUNCTIONS: dict[str, Callable[[Config, dict], dict]] = {
+    "samples": step_samples,
+    "shards": step_shards,
+    "teacher": step_teacher,
+    "student": step_student,
+    "evaluate": step_evaluate,
+    "register": step_register,
+}
+
+
+def _as_dict(value: Any) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    if hasattr(value, "model_dump"):
+        return value.model_dump()
+    if hasattr(value, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(value)
+    return {"result": str(value)}
+
+
+def run_pipeline(cfg: Config, steps: tuple[str, ...] = STEPS, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run the steps in order, skipping those already recorded; returns every step's record."""
+    from workflows.preflight import check
+
+    # The samples step creates the image folders, so they are checked after it.
+    check(cfg, skip=("data.train_images", "data.eval_images") if "samples" in steps else ())
+    done: dict[str, dict] = {}
+    for step in steps:
+        record = read_record(cfg, step)
+        if record is not None:
+            log(f"[pipeline] {step}: already done, skipping")
+            done[step] = record
+            continue
+        log(f"[pipeline] {step}: running")
+        started = time.monotonic()
+        record = STEP_FUNCTIONS[step](cfg, done)
+        record["seconds"] = round(time.monotonic() - started, 1)
+        write_record(cfg, step, record)
+        done[step] = record
+        log(f"[pipeline] {step}: done in {record['seconds']} s")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lightbsr pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config (workflows/configs/quickstart.yaml, ...)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.num_workers=2 (repeatable)")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
+        unknown = [s for s in steps if s not in STEPS]
+        if unknown:
+            raise ConfigError(f"--steps: unknown step(s) {unknown}; known: {', '.join(STEPS)}")
+        done = run_pipeline(cfg, steps)
+    except ConfigError as error:
+        print(f"lightbsr pipeline: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({step: {k: v for k, v in rec.items() if k in ("seconds", "checkpoint", "model_uri")}
+                      for step, rec in done.items()}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

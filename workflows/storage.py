@@ -1,0 +1,237 @@
+"""Filesystems for local folders, `file://` and `s3://` URLs, built the same way everywhere.
+
+The endpoint and region come from `cfg.storage.s3` (or AWS_ENDPOINT_URL / AWS_REGION); the
+credentials only from the environment or the standard AWS chain, and they are never passed
+through here, logged or written anywhere. Every call below makes at most `s3.retries`
+attempts (a short back-off between them) and then fails with a `StorageError` that names the
+URL and the operation. Writes are atomic: a local file is written under a temporary name and
+renamed; an S3 object is sent in one PUT from a complete in-memory buffer, so a reader never
+sees a partial object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+import pyarrow.fs as pafs
+
+from workflows.config import S3Config
+
+__all__ = [
+    "StorageError",
+    "atomic_write_bytes",
+    "exists",
+    "filesystem",
+    "fsspec_filesystem",
+    "is_s3",
+    "join",
+    "list_files",
+    "read_bytes",
+    "redact",
+    "retrying",
+    "s3_endpoint",
+    "s3_region",
+    "size",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_NOT_RETRYABLE = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError)
+_BACKOFF_S = 0.25
+
+
+class StorageError(OSError):
+    """An object-store or filesystem operation that failed after its bounded retries."""
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith(("s3://", "s3a://"))
+
+
+def _local_path(url: str) -> str:
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _s3_path(url: str) -> str:
+    """`s3://bucket/key` -> `bucket/key` (the form both pyarrow and s3fs take)."""
+    return url.split("://", 1)[1].strip("/")
+
+
+def redact(url: str) -> str:
+    """The URL without any user:password part, safe to log or store."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def join(url: str, *parts: str) -> str:
+    """`join("s3://b/p", "x", "y.png") -> "s3://b/p/x/y.png"`; local paths stay local paths."""
+    if "://" in url:
+        return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(url, *parts))
+
+
+def s3_endpoint(cfg: S3Config | None) -> str | None:
+    if cfg is not None and cfg.endpoint_url:
+        return cfg.endpoint_url
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_region(cfg: S3Config | None) -> str:
+    if cfg is not None and cfg.region:
+        return cfg.region
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _attempts(cfg: S3Config | None) -> int:
+    return max(1, (cfg or S3Config()).retries)
+
+
+def filesystem(url: str, s3_cfg: S3Config | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem for `url` and the path to use with it (no scheme for S3)."""
+    if not is_s3(url):
+        return pafs.LocalFileSystem(), _local_path(url)
+    cfg = s3_cfg or S3Config()
+    endpoint = s3_endpoint(cfg)
+    options: dict = {
+        "region": s3_region(cfg),
+        "connect_timeout": cfg.connect_timeout_s,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_attempts(cfg)),
+    }
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        options.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return pafs.S3FileSystem(**options), _s3_path(url)
+
+
+def fsspec_filesystem(url: str, s3_cfg: S3Config | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem for `url` and the path to use with it (no scheme for S3).
+
+    Retries are ours (see `retrying`), so s3fs and botocore each make a single attempt.
+    """
+    if not is_s3(url):
+        return fsspec.filesystem("file"), _local_path(url)
+    cfg = s3_cfg or S3Config()
+    key = (s3_endpoint(cfg), s3_region(cfg), cfg.connect_timeout_s, _credentials_fingerprint())
+    if key not in _S3FS_CACHE:
+        _S3FS_CACHE[key] = _new_s3fs(cfg)
+    return _S3FS_CACHE[key], _s3_path(url)
+
+
+_S3FS_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
+def _credentials_fingerprint() -> str:
+    """A digest of the credential variables, so a client is rebuilt when they change (never stored)."""
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    return hashlib.sha256("\0".join(os.environ.get(n, "") for n in names).encode()).hexdigest()
+
+
+def _new_s3fs(cfg: S3Config) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        endpoint_url=s3_endpoint(cfg),
+        client_kwargs={"region_name": s3_region(cfg)},
+        config_kwargs={
+            "connect_timeout": cfg.connect_timeout_s,
+            "retries": {"total_max_attempts": 1},
+            "s3": {"addressing_style": "path"},
+        },
+        skip_instance_cache=True,
+        use_listings_cache=False,  # other processes write here too
+    )
+    fs.retries = 1
+    return fs
+
+
+def retrying(what: str, url: str, call: Callable[[], T], s3_cfg: S3Config | None = None) -> T:
+    """Run `call` up to `s3.retries` times; a missing file fails at once (FileNotFoundError)."""
+    attempts = _attempts(s3_cfg)
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except _NOT_RETRYABLE:
+            raise
+        except PermissionError as error:
+            raise StorageError(
+                f"{what} {redact(url)}: access denied ({error}); check the credentials in the environment "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile)"
+            ) from None
+        except Exception as error:  # network, server and protocol errors of any client library
+            if attempt == attempts:
+                raise StorageError(
+                    f"could not {what} {redact(url)} after {attempts} attempt(s): {type(error).__name__}: {error}"
+                ) from error
+            log.warning("%s %s failed (attempt %d of %d): %s", what, redact(url), attempt, attempts, error)
+            time.sleep(_BACKOFF_S * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def exists(url: str, s3_cfg: S3Config | None = None) -> bool:
+    fs, path = fsspec_filesystem(url, s3_cfg)
+    return retrying("check", url, lambda: fs.exists(path), s3_cfg)
+
+
+def size(url: str, s3_cfg: S3Config | None = None) -> int:
+    fs, path = fsspec_filesystem(url, s3_cfg)
+    return int(retrying("stat", url, lambda: fs.size(path), s3_cfg))
+
+
+def read_bytes(url: str, s3_cfg: S3Config | None = None) -> bytes:
+    fs, path = fsspec_filesystem(url, s3_cfg)
+    return retrying("read", url, lambda: fs.cat_file(path), s3_cfg)
+
+
+def list_files(url: str, s3_cfg: S3Config | None = None) -> list[str]:
+    """Every file under `url` as paths relative to it (posix, sorted); `[""]` when `url` is a file."""
+    fs, root = fsspec_filesystem(url, s3_cfg)
+
+    def walk() -> list[str]:
+        if fs.isfile(root):
+            return [""]
+        if not fs.isdir(root):
+            raise FileNotFoundError(f"{redact(url)} does not exist")
+        prefix = root.rstrip("/") + "/"
+        return sorted(path[len(prefix):] for path in fs.find(root) if path.startswith(prefix))
+
+    return retrying("list", url, walk, s3_cfg)
+
+
+def atomic_write_bytes(url: str, data: bytes, s3_cfg: S3Config | None = None) -> None:
+    """Write `data` so that `url` either holds all of it or is untouched."""
+    if is_s3(url):
+        fs, path = fsspec_filesystem(url, s3_cfg)
+        try:
+            retrying("write", url, lambda: fs.pipe_file(path, data), s3_cfg)
+        except FileNotFoundError:
+            raise StorageError(f"could not write {redact(url)}: bucket {path.split('/')[0]!r} does not exist") from None
+        return
+    retrying("write", url, lambda: _atomic_local_write(Path(_local_path(url)), data), s3_cfg)
+
+
+def _atomic_local_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,610 @@
+"""Teacher and student training on Ray Train: one loop for both stages, exactly resumable.
+
+`train_stage(cfg, stage)` runs one stage as a TorchTrainer job (DDP over gloo on CPU, NCCL on
+GPU) fed by the Ray Data stream of `workflows.ingest`; `train(cfg)` runs the teacher and then a
+student initialised from it. What differs between the stages is only the objective
+(`lightbsr.objectives`): the loop, checkpoints, logging and validation are shared.
+
+Epochs are 1-based, as in `lightbsr.schedule`; the data stream counts completed epochs
+(0-based), so a run resumed after epoch e asks the stream for data epoch e.
+
+Checkpoints go through `ray.train.report` to `<storage.root>/<run_name>-<stage>/checkpoint_*`,
+each a folder with `model.pt` (`lightbsr.checkpoint` format: weights including the momentum
+encoder and queue, optimiser, scaler, RNG states, PCA basis, config) and `progress.json`. A
+lost worker restarts from the latest one (`train.max_failures`); rerunning the same command
+(same run name and storage root) continues the run, and does nothing when it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightbsr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lightbsr.degrade import kernel_pca_basis
+from lightbsr.objectives import StudentObjective, TeacherObjective
+from lightbsr.schedule import learning_rate, phase_of
+from lightbsr.student import Student
+from lightbsr.teacher import Teacher
+from workflows.config import Config, ConfigError, load_config
+
+__all__ = ["StageResult", "train", "train_stage", "train_loop_per_worker", "latest_checkpoint", "main"]
+
+STAGES = ("teacher", "student")
+PROGRESS_FILE = "progress.json"
+VALIDATION_IMAGES = 4  # held-out images scored every epoch (the sweep's objective)
+VALIDATION_LR_SIDE = 48  # LR centre crop side: cheap enough to run every epoch
+
+
+@dataclass
+class StageResult:
+    stage: str
+    run_name: str
+    checkpoint: str  # folder (local path or s3:// URI) holding model.pt
+    epoch: int
+    iteration: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+
+
+# ============================================================================ driver side
+
+
+def stage_run_name(cfg: Config, stage: str) -> str:
+    return f"{cfg.train.run_name}-{stage}"
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ConfigError(f"train.stage: expected one of {STAGES} for a single stage, got {stage!r}")
+
+
+def latest_checkpoint(cfg: Config, run_name: str) -> tuple[str, dict[str, Any]] | None:
+    """(folder URI, progress) of the furthest checkpoint of a run in storage, or None."""
+    from workflows import storage
+
+    run_url = storage.join(cfg.storage.root, run_name)
+    try:
+        files = storage.list_files(run_url, cfg.storage.s3)
+    except (FileNotFoundError, storage.StorageError):
+        return None
+    best: tuple[str, dict[str, Any]] | None = None
+    for relative in files:
+        folder, _, name = relative.rpartition("/")
+        if name != PROGRESS_FILE or not folder.startswith("checkpoint_") or "/" in folder:
+            continue
+        progress = json.loads(storage.read_bytes(storage.join(run_url, relative), cfg.storage.s3))
+        if best is None or progress["iteration"] > best[1]["iteration"]:
+            best = (storage.join(run_url, folder), progress)
+    return best
+
+
+def _local_copy(url: str, cfg: Config, folder: str) -> str:
+    """A local file or folder for a checkpoint given as a path, s3:// URI or runs:/ MLflow URI."""
+    from workflows import storage
+
+    if url.startswith("runs:/"):
+        import mlflow.artifacts
+
+        return mlflow.artifacts.download_artifacts(artifact_uri=url, dst_path=folder, tracking_uri=cfg.tracking_uri)
+    if storage.is_s3(url):
+        name = url if url.endswith((".pt", ".pth")) else storage.join(url, "model.pt")
+        target = os.path.join(folder, "model.pt")
+        Path(target).write_bytes(storage.read_bytes(name, cfg.storage.s3))
+        return target
+    return url
+
+
+def load_teacher_source(cfg: Config) -> dict[str, Any]:
+    """The teacher the student stage learns from: weights, model config and PCA basis."""
+    url = cfg.train.teacher_checkpoint
+    if not url:
+        raise ConfigError("train.teacher_checkpoint: the student stage needs a teacher checkpoint")
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            loaded = load_checkpoint(_local_copy(url, cfg, folder), role="teacher")
+        except CheckpointError as error:
+            raise ConfigError(f"train.teacher_checkpoint: {error}") from None
+    mine = cfg.model
+    for key in ("scale", "setting", "n_groups", "n_blocks"):
+        if loaded.model_config[key] != getattr(mine, key):
+            raise ConfigError(
+                f"train.teacher_checkpoint {url}: teacher model.{key}={loaded.model_config[key]} but this config has "
+                f"model.{key}={getattr(mine, key)}"
+            )
+    if loaded.pca_basis is None:
+        raise ConfigError(f"train.teacher_checkpoint {url}: no PCA basis saved with the teacher")
+    return {"state": loaded.model.state_dict(), "model_config": loaded.model_config, "pca_basis": loaded.pca_basis}
+
+
+def stage_basis(cfg: Config, teacher_source: dict[str, Any] | None) -> torch.Tensor:
+    """The teacher's saved basis for the student; a fresh seeded one for the teacher."""
+    if teacher_source is not None:
+        return teacher_source["pca_basis"]
+    return kernel_pca_basis(cfg.model.pca_seed)
+
+
+@dataclass
+class ResumableStream:
+    """Ray Data stream that starts after the latest stored checkpoint; built again on each (re)start."""
+
+    config: dict[str, Any]
+    stage: str
+    basis: torch.Tensor
+
+    def __call__(self):
+        from workflows.config import config_from_dict
+        from workflows.ingest import training_dataset
+
+        cfg = config_from_dict(self.config)
+        found = latest_checkpoint(cfg, stage_run_name(cfg, self.stage))
+        completed = found[1]["epoch"] if found else 0
+        return training_dataset(cfg, self.stage, self.basis, start_epoch=completed)
+
+
+def _storage(cfg: Config) -> dict[str, Any]:
+    """storage_path (+ filesystem for s3://, so the configured endpoint is used) for RunConfig."""
+    from workflows import storage
+
+    if storage.is_s3(cfg.storage.root):
+        fs, path = storage.filesystem(cfg.storage.root, cfg.storage.s3)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": cfg.storage.root}
+
+
+def _checkpoint_uri(cfg: Config, checkpoint) -> str:
+    from workflows import storage
+
+    return f"s3://{checkpoint.path}" if storage.is_s3(cfg.storage.root) else checkpoint.path
+
+
+def _log_final_model(cfg: Config, run_id: str, checkpoint_url: str, stage: str) -> None:
+    """model.pt under `checkpoint/` (a `runs:/<id>/checkpoint` teacher source); the student also as a model."""
+    from workflows import tracking
+
+    with tempfile.TemporaryDirectory() as folder:
+        local = _local_copy(checkpoint_url, cfg, folder)
+        file = local if local.endswith(".pt") else os.path.join(local, "model.pt")
+        tracking.client(cfg).log_artifact(run_id, file, artifact_path="checkpoint")
+        if stage == "student":
+            tracking.log_model(cfg, run_id, load_checkpoint(file, role="student").model)
+
+
+def train_stage(
+    cfg: Config,
+    stage: str,
+    *,
+    dataset=None,
+    callbacks: list | tuple = (),
+    mlflow_tags: dict[str, str] | None = None,
+    tracking: bool = True,
+) -> StageResult:
+    """Run (or continue) one stage on Ray Train and return where its final checkpoint is.
+
+    `dataset`: a ready `ray.data.Dataset` with the batch-contract columns instead of the shard
+    stream (tests, benchmarks); `tracking=False` logs nothing to MLflow.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workflows import tracking as mlflow_tracking
+    from workflows.runtime import init_ray
+
+    _check_stage(stage)
+    run_name = stage_run_name(cfg, stage)
+    teacher_source = load_teacher_source(cfg) if stage == "student" else None
+    basis = stage_basis(cfg, teacher_source)
+    run_id = None
+    if tracking:
+        run_id, resumed = mlflow_tracking.open_run(cfg, run_name, {"lightbsr.stage": stage, **(mlflow_tags or {})})
+        if not resumed:
+            mlflow_tracking.log_config(cfg, run_id)
+
+    done = latest_checkpoint(cfg, run_name)
+    if done and done[1]["epoch"] >= cfg.schedule.epochs:
+        print(f"[train] {run_name}: already complete at epoch {done[1]['epoch']} ({done[0]})")
+        return StageResult(stage, run_name, done[0], done[1]["epoch"], done[1]["iteration"],
+                           done[1].get("metrics", {}), run_id)
+
+    init_ray(cfg.ray)
+    loop_config = {
+        "config": cfg.model_dump(),
+        "stage": stage,
+        "basis": basis,
+        "teacher": teacher_source,
+        "tracking_uri": cfg.tracking_uri if tracking else None,
+        "run_id": run_id,
+    }
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+    trainer_kwargs: dict[str, Any] = {}
+    if dataset is None:
+        from workflows.ingest import training_data_config
+
+        dataset = ResumableStream(cfg.model_dump(), stage, basis)
+        trainer_kwargs["dataset_config"] = training_data_config(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
+            **_storage(cfg),
+        ),
+        datasets={"train": dataset},
+        **trainer_kwargs,
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        if run_id:
+            mlflow_tracking.client(cfg).set_terminated(run_id, status="FAILED")
+        raise
+    checkpoint = _checkpoint_uri(cfg, result.checkpoint)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    if run_id:
+        _log_final_model(cfg, run_id, checkpoint, stage)
+        mlflow_tracking.client(cfg).set_terminated(run_id, status="FINISHED")
+    return StageResult(stage, run_name, checkpoint, int(metrics.get("epoch", 0)), int(metrics.get("iteration", 0)),
+                       metrics, run_id)
+
+
+def train(cfg: Config) -> list[StageResult]:
+    """`train.stage`: teacher, student, or both (the student then learns from the teacher just trained)."""
+    if cfg.train.stage != "both":
+        return [train_stage(cfg, cfg.train.stage)]
+    teacher = train_stage(cfg, "teacher")
+    student_cfg = cfg.model_copy(deep=True)
+    student_cfg.train.teacher_checkpoint = teacher.checkpoint
+    return [teacher, train_stage(student_cfg, "student")]
+
+
+# ============================================================================ worker side
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_objective(cfg: Config, stage: str, teacher_source: dict[str, Any] | None) -> nn.Module:
+    """The stage's model inside its objective; a new student starts from the teacher (G + encoder)."""
+    m = cfg.model
+    if stage == "teacher":
+        teacher = Teacher(m.scale, m.setting, m.n_groups, m.n_blocks, m.queue_size, m.momentum)
+        return TeacherObjective(teacher, cfg.loss)
+    config = teacher_source["model_config"]
+    teacher = Teacher(config["scale"], config["setting"], config["n_groups"], config["n_blocks"],
+                      config["queue_size"], config["momentum"])
+    teacher.load_state_dict(teacher_source["state"])
+    student = Student(m.scale, m.n_groups, m.n_blocks)
+    student.load_from_teacher(teacher)
+    return StudentObjective(student, teacher if cfg.loss.distillation else None, cfg.loss)
+
+
+def _use_sync_batchnorm(model: nn.Module) -> None:
+    """SyncBatchNorm in the encoders (query and key); PyTorch supports it on GPUs only."""
+    for name in ("encoder", "key_encoder"):
+        if hasattr(model, name):
+            setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
+
+
+def _distributed(objective: nn.Module, phase: int, device: torch.device) -> nn.Module:
+    """DDP around the objective; phase 1 leaves the reconstruction path unused."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    teacher = getattr(objective, "teacher", None)  # the student's frozen teacher: nothing to sync
+    frozen = [] if teacher is None else [f"teacher.{n}" for n, _ in [*teacher.named_parameters(),
+                                                                      *teacher.named_buffers()]]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, frozen)
+    return DistributedDataParallel(
+        objective,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=phase == 1,
+    )
+
+
+@dataclass
+class Precision:
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def of(cls, name: str, device: torch.device) -> "Precision":
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        return cls(dtype, torch.amp.GradScaler(device.type, enabled=name == "fp16" and device.type == "cuda"))
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+class BatchStream:
+    """Float (lr, hr, prior) batches on the device from a Ray Data iterator, timing the waits.
+
+    A finite dataset (an in-memory stand-in) is iterated again when it runs out.
+    """
+
+    def __init__(self, shard, batch_size: int, device: torch.device) -> None:
+        self.shard, self.batch_size, self.device = shard, batch_size, device
+        self.iterator: Iterator | None = None
+        self.wait_s = 0.0
+
+    def _batches(self) -> Iterator:
+        return iter(self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True, prefetch_batches=2))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        start = time.perf_counter()
+        if self.iterator is None:
+            self.iterator = self._batches()
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            self.iterator = self._batches()
+            batch = next(self.iterator)
+        lr = batch["lr"].to(self.device, non_blocking=True).float().div_(255)  # (B, V, 3, p, p)
+        hr = batch["hr"].to(self.device, non_blocking=True).float().div_(255)  # (B, V, 3, ps, ps)
+        prior = batch["prior"].to(self.device, non_blocking=True).float()  # (B, P)
+        self.wait_s += time.perf_counter() - start
+        return lr, hr, prior
+
+
+def validation_set(cfg: Config, basis: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """Fixed held-out pairs: centre crops of the first eval images, degraded by the sweep's protocol."""
+    from lightbsr.images import list_images, read_rgb
+    from lightbsr.protocols import get_protocol
+
+    folder = cfg.data.eval_images
+    if "://" in folder or not Path(folder).is_dir():
+        return None
+    protocol = get_protocol(cfg.tune.protocol)
+    side = VALIDATION_LR_SIDE * cfg.model.scale
+    lrs, hrs, priors = [], [], []
+    for index, path in enumerate(list_images(folder)[:VALIDATION_IMAGES]):
+        image = torch.from_numpy(read_rgb(path)).permute(2, 0, 1).float() / 255  # (3, H, W)
+        top, left = max(0, (image.shape[1] - side) // 2), max(0, (image.shape[2] - side) // 2)
+        crop = image[:, top : top + side, left : left + side]
+        if crop.shape[1:] != (side, side):
+            continue
+        case = protocol.cases[index % len(protocol.cases)]
+        hr, lr = protocol.make_pair(crop, case, Path(path).name)
+        lrs.append(lr)
+        hrs.append(hr)
+        priors.append(protocol.prior(case, basis))
+    if not lrs:
+        return None
+    return {"lr": torch.stack(lrs).to(device), "hr": torch.stack(hrs).to(device), "prior": torch.stack(priors).to(device)}
+
+
+@torch.no_grad()
+def validation_psnr(objective: nn.Module, val: dict[str, torch.Tensor], scale: int) -> float:
+    from lightbsr.metrics import psnr
+
+    objective.eval()
+    sr = torch.cat([objective.super_resolve(val["lr"][i : i + 1], val["prior"][i : i + 1])
+                    for i in range(len(val["lr"]))])
+    objective.train()
+    return float(psnr(sr.float().clamp(0, 1), val["hr"], scale).mean())
+
+
+@torch.no_grad()
+def image_strip(objective: nn.Module, lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor) -> np.ndarray:
+    """uint8 (sh, 3 sw, 3): LR (nearest-upscaled) | SR | HR of the first item's view 0."""
+    objective.eval()
+    sr = objective.super_resolve(lr[:1, 0], prior[:1]).float().clamp(0, 1)[0]  # (3, sh, sw)
+    objective.train()
+    scale = hr.shape[-1] // lr.shape[-1]
+    lr_big = lr[0, 0].repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    strip = torch.cat([lr_big, sr, hr[0, 0]], dim=2)  # (3, sh, 3 sw)
+    return (strip * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics to all ranks (plain BatchNorm on CPU keeps per-rank ones)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def replica_divergence(model: nn.Module) -> float:
+    """Largest difference between ranks of per-tensor sums of |x| and x (0.0 = replicas equal)."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    stats = torch.stack([torch.stack([t.double().sum(), t.double().abs().sum()]) for t in tensors]).flatten()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return 0.0
+    gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, stats)
+    return float(max((g - gathered[0]).abs().max() for g in gathered))
+
+
+def _restore(checkpoint, model: nn.Module, optimizer, precision: Precision) -> tuple[int, int]:
+    """Load a Ray checkpoint into the model, optimiser and RNGs; (completed epochs, iteration)."""
+    with checkpoint.as_directory() as folder:
+        raw = torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(raw["model"])
+    state = raw["train_state"]
+    optimizer.load_state_dict(state["optimizer"])
+    precision.scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return int(raw["epoch"]), int(raw["iteration"])
+
+
+class LoopContext:
+    """What one worker holds during a stage."""
+
+    def __init__(self, loop: dict[str, Any]) -> None:
+        import ray.train
+        from ray.train.torch import get_device
+
+        from workflows.config import config_from_dict
+        from workflows.tracking import RunLogger
+
+        self.cfg: Config = config_from_dict(loop["config"])
+        self.stage: str = loop["stage"]
+        self.basis: torch.Tensor = loop["basis"]
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = get_device()
+        self.local_batch = self.cfg.train.batch_size // self.world
+        run_id = loop["run_id"] if self.rank == 0 else None
+        self.log = RunLogger(loop["tracking_uri"] or "", run_id)
+
+    def print(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[train {self.stage}] {message}", flush=True)
+
+
+def _save_and_report(ctx: LoopContext, model: nn.Module, optimizer, precision: Precision, epoch: int,
+                     iteration: int, metrics: dict[str, float], save: bool) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint folder on checkpoint epochs."""
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
+    _broadcast_buffers(model)
+    metrics["replica_divergence"] = replica_divergence(model)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if ctx.rank == 0:
+            train_state = {"optimizer": optimizer.state_dict(), "scaler": precision.scaler.state_dict(),
+                           "rng": _rng_state()}
+            save_checkpoint(folder, model, role=ctx.stage, model_config=ctx.cfg.model.model_dump(),
+                            pca_basis=ctx.basis, epoch=epoch, iteration=iteration, train_state=train_state,
+                            config=ctx.cfg.model_dump())
+            progress = {"stage": ctx.stage, "epoch": epoch, "iteration": iteration, "metrics": metrics}
+            Path(folder, PROGRESS_FILE).write_text(json.dumps(progress))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """The Ray Train worker function shared by both stages."""
+    import ray.train
+
+    ctx = LoopContext(loop)
+    cfg, schedule = ctx.cfg, ctx.cfg.schedule
+    _seed_everything(cfg.train.seed)
+    objective = build_objective(cfg, ctx.stage, loop["teacher"])
+    model = objective.model
+    if ctx.world > 1 and ctx.device.type == "cuda":
+        _use_sync_batchnorm(model)
+    objective.to(ctx.device).train()
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=schedule.lr, betas=(schedule.beta1, schedule.beta2))
+    precision = Precision.of(cfg.train.precision, ctx.device)
+
+    completed, iteration = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        completed, iteration = _restore(checkpoint, model, optimizer, precision)
+        ctx.print(f"restored after epoch {completed}, iteration {iteration}")
+        ctx.log.metrics({"resumed_at_iteration": iteration}, step=iteration)
+    stream = BatchStream(ray.train.get_dataset_shard("train"), ctx.local_batch, ctx.device)
+    val = validation_set(cfg, ctx.basis, ctx.device) if ctx.rank == 0 else None
+    wrapped, wrapped_phase = objective, None
+
+    for epoch in range(completed + 1, schedule.epochs + 1):
+        phase, lr = phase_of(epoch, schedule), learning_rate(epoch, schedule)
+        if ctx.world > 1 and phase != wrapped_phase:
+            wrapped = None  # drop the old DDP (and its hooks) before wrapping again
+            wrapped, wrapped_phase = _distributed(objective, phase, ctx.device), phase
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, torch.Tensor] = {}
+        started, stream.wait_s = time.perf_counter(), 0.0
+        window_start, window_wait, window_steps = started, 0.0, 0
+        for _ in range(schedule.iters_per_epoch):
+            lr_images, hr_images, prior = stream.next()
+            with precision.autocast(ctx.device):
+                terms = wrapped(lr_images, hr_images, prior, phase)
+            optimizer.zero_grad(set_to_none=True)
+            precision.scaler.scale(terms["total"]).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+            iteration += 1
+            window_steps += 1
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            if ctx.log.active and iteration % cfg.train.log_every_steps == 0:
+                now = time.perf_counter()
+                ctx.log.metrics({**{k: float(v.detach()) for k, v in terms.items()}, "lr": lr,
+                                 "samples_per_s": window_steps * cfg.train.batch_size / (now - window_start),
+                                 "data_wait_s": (stream.wait_s - window_wait) / window_steps}, step=iteration)
+                window_start, window_wait, window_steps = now, stream.wait_s, 0
+            if ctx.log.active and iteration % cfg.train.image_every_steps == 0:
+                ctx.log.image(image_strip(objective, lr_images, hr_images, prior),
+                              f"strips/{ctx.stage}_{iteration:08d}.png")
+        elapsed = time.perf_counter() - started
+        metrics = {f"loss_{k}": float(v) / schedule.iters_per_epoch for k, v in sums.items()}
+        metrics.update(epoch=epoch, iteration=iteration, phase=phase, lr=lr, epoch_time_s=elapsed,
+                       samples_per_s=schedule.iters_per_epoch * cfg.train.batch_size / elapsed,
+                       data_wait_s=stream.wait_s)
+        if val is not None:
+            metrics["val_psnr"] = validation_psnr(objective, val, cfg.model.scale)
+        save = epoch % cfg.train.checkpoint_every_epochs == 0 or epoch == schedule.epochs
+        _save_and_report(ctx, model, optimizer, precision, epoch, iteration, metrics, save)
+        ctx.log.metrics({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "iteration")}, iteration)
+        ctx.print(f"epoch {epoch}/{schedule.epochs} it {iteration} phase {phase} lr {lr:.2e} "
+                  f"loss {metrics['loss_total']:.4f} val_psnr {metrics.get('val_psnr', float('nan')):.2f} "
+                  f"{metrics['samples_per_s']:.1f} samples/s")
+
+
+# ============================================================================ command line
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lightbsr train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config (defaults when omitted)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.stage=teacher (repeatable)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"lightbsr train: {error}", file=sys.stderr)
+        return 2
+    for result in train(cfg):
+        print(json.dumps(asdict(result), default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Sweeps: Ray Tune + OptunaSearch (TPE, seeded, the paper's values first) + ASHA early stopping.
+
+Each trial runs the ordinary training stage (`workflows.train.train_stage`, a Ray Train
+TorchTrainer) with the trial's loss values, and reports the validation Y-PSNR of every epoch
+to Tune (`TuneReportCallback`), where ASHA stops the weak trials. MLflow gets one parent run per
+sweep and one child run per trial; the best config is written as YAML beside a table and a plot
+of the trials. Rerunning the same command resumes an interrupted sweep (`Tuner.restore`):
+finished trials are not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from workflows.config import Config, ConfigError, SearchParam, config_from_dict, dump_config, load_config
+
+METRIC, MODE = "val_psnr", "max"
+
+# What each stage may search, with defaults centred on the paper's values.
+STAGE_PARAMS: dict[str, dict[str, SearchParam]] = {
+    "teacher": {
+        "loss.contrastive_temperature": SearchParam(low=0.02, high=0.25, log=True),
+        "loss.contrastive_weight": SearchParam(low=0.25, high=4.0, log=True),
+    },
+    "student": {
+        "loss.kd_temperature": SearchParam(low=0.05, high=0.5, log=True),
+        "loss.channel_kl_weight": SearchParam(low=0.1, high=10.0, log=True),
+        "loss.channel_l1_weight": SearchParam(low=0.01, high=1.0, log=True),
+        "loss.spatial_weight": SearchParam(low=0.1, high=10.0, log=True),
+    },
+}
+
+
+@dataclass
+class SweepResult:
+    best_params: dict[str, float]
+    best_value: float
+    best_config_url: str
+    parent_run_id: str
+    trials: list[dict[str, Any]]
+
+
+def search_space(cfg: Config) -> dict[str, SearchParam]:
+    """The configured space (or the stage's default), checked before any trial starts."""
+    stage = cfg.tune.stage
+    allowed = STAGE_PARAMS[stage]
+    space = dict(cfg.tune.space) or dict(allowed)
+    for key, param in space.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"tune.space.{key}: not a hyper-parameter of the {stage} stage; "
+                f"searchable: {', '.join(sorted(allowed))}")
+        if "temperature" in key and param.low <= 0:
+            raise ConfigError(f"tune.space.{key}: a temperature must be positive, got low={param.low}")
+        if param.low < 0:
+            raise ConfigError(f"tune.space.{key}: a loss weight cannot be negative, got low={param.low}")
+    if stage == "student" and not cfg.train.teacher_checkpoint:
+        raise ConfigError("train.teacher_checkpoint: the student sweep needs a fixed teacher checkpoint")
+    return space
+
+
+def paper_point(cfg: Config, space: dict[str, SearchParam]) -> dict[str, float]:
+    """The config's own values (the paper's by default), evaluated first; clipped into the range."""
+    point = {}
+    for key, param in space.items():
+        value = float(getattr(cfg.loss, key.split(".", 1)[1]))
+        point[key] = min(max(value, param.low), param.high)
+    return point
+
+
+def trial_config(base: dict[str, Any], params: dict[str, float], trial_name: str) -> Config:
+    raw = json.loads(json.dumps(base))
+    for key, value in params.items():
+        section, name = key.split(".", 1)
+        raw[section][name] = float(value)
+    raw["train"]["run_name"] = trial_name
+    raw["train"]["stage"] = raw["tune"]["stage"]
+    return config_from_dict(raw)
+
+
+def _run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str) -> None:
+    """Tune function: one ordinary training stage with this trial's loss values."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workflows.train import train_stage
+
+    trial = tune.get_context().get_trial_id()
+    cfg = trial_config(base, params, f"{base['train']['run_name']}-{trial}")
+    train_stage(cfg, cfg.tune.stage, callbacks=[TuneReportCallback()],
+                mlflow_tags={"mlflow.parentRunId": parent_run_id, "sweep.trial": trial})
+
+
+def _param_space(space: dict[str, SearchParam]):
+    from ray import tune
+
+    return {key: (tune.loguniform if p.log else tune.uniform)(p.low, p.high) for key, p in space.items()}
+
+
+def _tuner(cfg: Config, space: dict[str, SearchParam], parent_run_id: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    name = f"{cfg.train.run_name}-sweep"
+    storage = cfg.url("tune")
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, base=cfg.model_dump(), parent_run_id=parent_run_id), {"cpu": 0.1})
+    if tune.Tuner.can_restore(f"{storage}/{name}"):
+        print(f"[tune] resuming sweep {name} from {storage}/{name}")
+        return tune.Tuner.restore(f"{storage}/{name}", trainable, resume_unfinished=True, resume_errored=True)
+    search = OptunaSearch(metric=METRIC, mode=MODE, seed=cfg.tune.seed, points_to_evaluate=[paper_point(cfg, space)])
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.schedule.epochs,
+                              grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(space),
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=cfg.tune.num_samples,
+                                    max_concurrent_trials=max_concurrent_trials(cfg), search_alg=search,
+                                    scheduler=scheduler, trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+    )
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def _parent_run(cfg: Config) -> str:
+    """The sweep's MLflow parent run: found again on resume, created otherwise."""
+    from workflows import tracking
+
+    name = f"{cfg.train.run_name}-sweep"
+    run_id, resumed = tracking.open_run(cfg, name, {"sweep.name": name, "sweep.stage": cfg.tune.stage})
+    if not resumed:
+        tracking.log_config(cfg, run_id)
+    return run_id
+
+
+def trials_table(results, space: dict[str, SearchParam], max_epochs: int) -> list[dict[str, Any]]:
+    """One row per trial: its searched values, best validation PSNR, epochs run, early stop."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        values = [] if history is None or METRIC not in history else [float(v) for v in history[METRIC]]
+        rows.append({
+            "trial": result.path.rstrip("/").rsplit("/", 1)[-1],
+            **{key: float(result.config[key]) for key in space},
+            METRIC: max(values) if values else float("nan"),
+            "epochs": len(values),
+            "stopped_early": bool(values) and len(values) < max_epochs and result.error is None,
+            "error": type(result.error).__name__ if result.error else "",
+        })
+    return rows
+
+
+def max_concurrent_trials(cfg: Config) -> int:
+    """At most cfg.tune.max_concurrent, and no more than the cluster's GPUs can hold."""
+    if not cfg.train.use_gpu:
+        return cfg.tune.max_concurrent
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    fit = gpus // cfg.train.num_workers
+    if fit < 1:
+        raise ConfigError(f"train.use_gpu: a trial needs {cfg.train.num_workers} GPU(s), the cluster has {gpus}")
+    return min(cfg.tune.max_concurrent, fit)
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no trials)\n"
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(fmt(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], space: dict[str, SearchParam]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(space), figsize=(4 * len(space), 3.2), squeeze=False)
+    for ax, (key, param) in zip(axes[0], space.items()):
+        done = [r for r in rows if not math.isnan(r[METRIC])]
+        colours = ["tab:red" if r["stopped_early"] else "tab:blue" for r in done]
+        ax.scatter([r[key] for r in done], [r[METRIC] for r in done], c=colours)
+        ax.set_xscale("log" if param.log else "linear")
+        ax.set_xlabel(key)
+        ax.set_ylabel("validation Y-PSNR (dB)")
+    fig.suptitle("trials (red: stopped early by ASHA)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_sweep(cfg: Config) -> SweepResult:
+    from workflows import storage, tracking
+    from workflows.runtime import init_ray
+
+    from workflows.preflight import check
+    from workflows.shards import write_shards
+
+    space = search_space(cfg)
+    check(cfg)
+    init_ray(cfg.ray)
+    write_shards(cfg.data.train_images, cfg.shards_url, cfg)  # no-op when the shards are complete
+    parent_run_id = _parent_run(cfg)
+    results = _tuner(cfg, space, parent_run_id).fit()
+    rows = trials_table(results, space, cfg.schedule.epochs)
+    best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
+    best_params = {k: float(best.config[k]) for k in space}
+    best_cfg = trial_config(cfg.model_dump(), best_params, cfg.train.run_name)
+    best_url = cfg.url("tune", f"{cfg.train.run_name}-sweep", "best_config.yaml")
+    storage.atomic_write_bytes(best_url, dump_config(best_cfg).encode(), cfg.storage.s3)
+    client = tracking.client(cfg)
+    best_value = float(best.metrics_dataframe[METRIC].max())
+    client.log_metric(parent_run_id, f"best_{METRIC}", best_value)
+    client.log_text(parent_run_id, dump_config(best_cfg), "best_config.yaml")
+    client.log_text(parent_run_id, _markdown(rows), "trials.md")
+    client.log_text(parent_run_id, json.dumps(rows, indent=2, default=str), "trials.json")
+    client.log_image(parent_run_id, _png_array(_plot(rows, space)), "trials.png")
+    client.set_terminated(parent_run_id)
+    print(_markdown(rows))
+    print(f"[tune] best {METRIC} {best_value:.3f} dB with {best_params}; config: {best_url}")
+    return SweepResult(best_params, best_value, best_url, parent_run_id, rows)
+
+
+def _png_array(png: bytes):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lightbsr tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_sweep(cfg)
+    except ConfigError as error:
+        print(f"lightbsr tune: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

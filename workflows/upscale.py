@@ -1,0 +1,138 @@
+"""`lightbsr upscale --model MODEL IN OUT`: upscale an image, a folder or an fsspec URL.
+
+MODEL is `models:/name@alias`, an `s3://` URL or a checkpoint path (ours or the authors').
+Inference is tiled with the whole-image codes shared by every tile, on the GPU when there is
+one. Each output keeps its input's format (PNG, JPEG or WebP; others become PNG) unless
+`--format` says otherwise, and appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from lightbsr.checkpoint import CheckpointError
+from lightbsr.images import IMAGE_EXTENSIONS, ImageError, read_rgb
+from lightbsr.tiling import MIN_SIDE, upscale
+from workflows import storage
+from workflows.config import Config, load_config
+from workflows.register import RegistryError, load_student
+
+__all__ = ["Job", "plan_jobs", "encode_image", "upscale_all", "main"]
+
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
+JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class Job:
+    source: str  # URL or path of one input image
+    target: str | None  # output URL or path; None = <out>/<stem>.<format extension>, decided once read
+    relative: str  # name below the input folder (the file name for a single file)
+
+
+def _is_folder_target(out: str, many: bool) -> bool:
+    return many or out.endswith("/") or (not storage.is_s3(out) and storage.exists(out) and not PurePosixPath(out).suffix)
+
+
+def plan_jobs(src: str, out: str, cfg: Config) -> list[Job]:
+    """One job per input image: IN is a file or a folder (local or URL)."""
+    try:
+        files = storage.list_files(src, cfg.storage.s3)
+    except FileNotFoundError:
+        raise ValueError(f"input {src} does not exist") from None
+    if files == [""]:
+        name = PurePosixPath(src.rstrip("/")).name
+        target = None if _is_folder_target(out, False) else out
+        return [Job(src, target, name)]
+    images = [f for f in files if PurePosixPath(f).suffix.lower() in IMAGE_EXTENSIONS]
+    if not images:
+        raise ValueError(f"input folder {src} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return [Job(storage.join(src, f), None, f) for f in images]
+
+
+def input_format(data: bytes) -> str:
+    """PNG / JPEG / WEBP as Pillow detects it from the bytes; other formats come out as PNG."""
+    try:
+        detected = Image.open(io.BytesIO(data)).format
+    except Exception:  # read_rgb reports unreadable files with a proper message
+        return "PNG"
+    return detected if detected in EXTENSIONS else "PNG"
+
+
+def encode_image(pixels, fmt: str) -> bytes:
+    """uint8 (H, W, 3) -> file bytes; WebP lossless, JPEG at quality 95."""
+    options = {"PNG": {}, "JPEG": {"quality": JPEG_QUALITY}, "WEBP": {"lossless": True}}[fmt]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _target(job: Job, out: str, fmt: str) -> str:
+    if job.target is not None:
+        suffix = PurePosixPath(job.target).suffix.lower().lstrip(".")
+        if suffix in FORMATS and FORMATS[suffix] != fmt:
+            raise ValueError(f"output {job.target}: extension .{suffix} does not match the format {fmt}")
+        return job.target
+    stem = str(PurePosixPath(job.relative).with_suffix(""))
+    return storage.join(out, stem + EXTENSIONS[fmt])
+
+
+def upscale_all(model: str, src: str, out: str, cfg: Config, fmt: str | None = None,
+                device: str | None = None, progress: bool = True) -> list[str]:
+    """Upscale every image of `src` into `out`; returns the written outputs. Stops at the first bad input."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    jobs = plan_jobs(src, out, cfg)
+    student = load_student(model, cfg, map_location=device).model.to(device)
+    written = []
+    for job in tqdm(jobs, desc="upscale", unit="image", disable=not progress):
+        data = storage.read_bytes(job.source, cfg.storage.s3)
+        pixels = read_rgb(data, job.source, min_size=MIN_SIDE)  # (H, W, 3) uint8
+        chosen = FORMATS[fmt.lower()] if fmt else input_format(data)
+        target = _target(job, out, chosen)
+        sr = upscale(student, torch.from_numpy(pixels), cfg.evaluate.tile, cfg.evaluate.overlap)  # (sH, sW, 3)
+        storage.atomic_write_bytes(target, encode_image(sr.numpy(), chosen), cfg.storage.s3)
+        written.append(target)
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightbsr upscale", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="models:/name@alias, s3:// URL or checkpoint path")
+    parser.add_argument("input", help="image, folder or fsspec URL")
+    parser.add_argument("output", help="output file (one input) or folder")
+    parser.add_argument("--format", choices=sorted(FORMATS), help="output format (default: the input's)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--tile", type=int, help="LR tile side (default: evaluate.tile)")
+    parser.add_argument("--overlap", type=int, help="LR overlap between tiles (default: evaluate.overlap)")
+    parser.add_argument("--config", help="YAML config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = list(args.set)
+    overrides += [f"evaluate.tile={args.tile}"] if args.tile else []
+    overrides += [f"evaluate.overlap={args.overlap}"] if args.overlap is not None else []
+    try:
+        cfg = load_config(args.config, overrides)
+        written = upscale_all(args.model, args.input, args.output, cfg, args.format, args.device, not args.quiet)
+    except (ImageError, CheckpointError, RegistryError, storage.StorageError, ValueError) as error:
+        print(f"lightbsr upscale: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(written)} image(s) to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
