@@ -42,6 +42,7 @@ RESULTS = REPO / "benchmarks" / "results"
 TINY_STEP_S = 0.001
 PACE = 1.25
 DRY_WAIT_S = 0.02
+MIN_WARMUP_S = 5.0
 MAX_DRAIN_BATCHES = 150
 
 
@@ -86,17 +87,20 @@ def step(batch: dict[str, torch.Tensor], step_s: float) -> None:
 def measure(batches: Iterable[dict], warmup: int, count: int, step_s: float, drain: bool) -> dict:
     """Run a loop of `count` steps after the warm-up; time spent in next() is waiting for data.
 
-    With `drain`, the warm-up goes on until a next() has to wait (whatever a pipeline buffered
-    while it started is used up), so the timed steps see its steady production rate.
+    The warm-up lasts `warmup` batches and MIN_WARMUP_S (worker start-up is not timed); with
+    `drain` it goes on until a next() has to wait (whatever a pipeline buffered while it started
+    is used up), so the timed steps see its steady production rate.
     """
     it = iter(batches)
     try:
+        started = time.perf_counter()
         for done in range(warmup + MAX_DRAIN_BATCHES):
             asked = time.perf_counter()
             batch = next(it)
             dry = time.perf_counter() - asked > DRY_WAIT_S
             step(batch, step_s)
-            if done + 1 >= warmup and (dry or not drain):
+            warm = done + 1 >= warmup and time.perf_counter() - started >= MIN_WARMUP_S
+            if warm and (dry or not drain):
                 break
         waited, rows = 0.0, 0
         start = time.perf_counter()
@@ -173,6 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--images", default=None, help="HR image folder (default: the sample photographs)")
     parser.add_argument("--machine", default=None, help="how to describe the machine in the results")
+    parser.add_argument("--object-store-mb", type=int, default=RayConfig().object_store_mb)
     parser.add_argument("--out", default=str(RESULTS))
     return parser.parse_args(argv)
 
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         extract_samples(cache)
         images = str(cache / "train")
     machine = args.machine or describe_machine()
-    init_ray(RayConfig(num_cpus=max(4, 2 * args.workers)))
+    init_ray(RayConfig(num_cpus=max(4, 2 * args.workers), object_store_mb=args.object_store_mb))
     results = []
     for case in args.cases.split(","):
         stage, setting = case.split(":")

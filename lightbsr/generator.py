@@ -126,22 +126,23 @@ class ConvNeXtBlock(nn.Module):
 
 
 class SpatialModulation(nn.Module):
-    """Spatial branch on the first quarter of the channels: x1 -> PConv5x5(x1 * sigmoid(att(cat[xk, x1])))."""
+    """Spatial branch on the first quarter of the channels: x1 -> PConv5x5(x1 * sigmoid(att(cat[xk, x1]))),
+    att = Conv3x3(GELU(Conv1x1(.)))."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.attention = nn.Sequential(
-            nn.Conv2d(MAP_CHANNELS + channels, channels, 1, bias=False), nn.GELU(), conv3x3(channels, channels, bias=False)
-        )
+        self.reduce = nn.Conv2d(MAP_CHANNELS + channels, channels, 1, bias=False)
+        self.attend = conv3x3(channels, channels, bias=False)
         self.partial_conv = nn.Conv2d(channels, channels, 5, padding=2, bias=False)
 
     def forward(self, x1: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
-        attention = torch.sigmoid(self.attention(torch.cat([xk, x1], dim=1)))
+        attention = self.attend(gelu_(self.reduce(torch.cat([xk, x1], dim=1))))  # (B, 16, H, W)
+        attention = torch.sigmoid_(attention)  # in place is autograd-safe: sigmoid's backward uses its output
         return self.partial_conv(x1 * attention)
 
 
 class ChannelModulation(nn.Module):
-    """Channel branch on the other three quarters: x2 * sigmoid(MLP(cat[GAP(x2), ca]))."""
+    """Channel branch on the other three quarters: gate = sigmoid(MLP(cat[GAP(x2), ca])), x2 * gate."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -150,9 +151,8 @@ class ChannelModulation(nn.Module):
             nn.Linear(channels + CODE_CHANNELS, hidden, bias=False), nn.GELU(), nn.Linear(hidden, channels, bias=False)
         )
 
-    def forward(self, x2: torch.Tensor, ca: torch.Tensor) -> torch.Tensor:
-        scale = torch.sigmoid(self.mlp(torch.cat([x2.mean(dim=(2, 3)), ca], dim=1)))  # (B, 48)
-        return x2 * scale[:, :, None, None]
+    def gate(self, x2: torch.Tensor, ca: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.mlp(torch.cat([x2.mean(dim=(2, 3)), ca], dim=1)))  # (B, 48)
 
 
 class AdaptationBlock(nn.Module):
@@ -167,7 +167,10 @@ class AdaptationBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ca: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
         x1, x2 = torch.split(x, self.split, dim=1)
-        mixed = torch.cat([self.spatial(x1, xk), self.channel(x2, ca)], dim=1)
+        # cat[spatial(x1), x2 * gate] without the cat: gate all 64 channels (x1's with 1), then overwrite x1's slot
+        gate = torch.cat([ca.new_ones(x.shape[0], self.split[0]), self.channel.gate(x2, ca)], dim=1)
+        mixed = x * gate[:, :, None, None]  # (B, 64, H, W)
+        mixed[:, : self.split[0]] = self.spatial(x1, xk)
         return self.ffn(gelu_(mixed), shortcut=x)
 
 

@@ -4,7 +4,7 @@ The channel code `ca` is a global average over the whole image's IDR, so the enc
 IDR converter run once on the whole LR image (the encoder works at 1/4 resolution and is
 cheap) and every tile of the generator gets the same `ca` and its own crop of the spatial code
 `xk`. Only the generator, whose activations dominate the memory, is tiled. Neighbouring tiles
-overlap by `overlap` LR pixels and are blended with linear ramps across the overlap, which
+overlap by at least `overlap` LR pixels and are blended with linear ramps across the overlap, which
 hides the small differences between tiles (each block's channel branch pools its own tile).
 
 `shared_codes=False` runs the whole student on each tile instead (each tile then sees its own
@@ -20,7 +20,7 @@ from torch import nn
 
 from lightbsr.validation import check_image_batch
 
-__all__ = ["DEFAULT_TILE", "DEFAULT_OVERLAP", "MIN_SIDE", "tile_starts", "blend_ramp", "upscale_tiled", "upscale", "quantize"]
+__all__ = ["DEFAULT_TILE", "DEFAULT_OVERLAP", "MIN_SIDE", "tile_starts", "blend_ramp", "upscale_tiled", "upscale", "to_uint8"]
 
 DEFAULT_TILE = 192  # LR pixels per tile side (HR 768 at x4)
 DEFAULT_OVERLAP = 32  # LR pixels shared by neighbouring tiles
@@ -35,19 +35,30 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (length - tile) / (count - 1)) for i in range(count)]  # spread evenly
 
 
-def blend_ramp(size: int, ramp: int, left: bool, right: bool, device: torch.device | None = None) -> torch.Tensor:
-    """1-D blending weights of one window: linear ramps of `ramp` pixels at the edges that have a neighbour.
+def blend_ramp(size: int, left: int, right: int, device: torch.device | None = None) -> torch.Tensor:
+    """1-D blending weights of one window: linear ramps across the `left` / `right` pixels it shares
+    with its neighbours (0 = no neighbour on that side).
 
     Weights stay above zero, so every pixel is covered; the caller divides by the summed weights.
     """
     weight = torch.ones(size, device=device)
-    if ramp > 0:
-        rise = (torch.arange(min(ramp, size), device=device, dtype=torch.float32) + 0.5) / ramp
-        if left:
-            weight[: rise.numel()] = torch.minimum(weight[: rise.numel()], rise)
-        if right:
-            weight[size - rise.numel():] = torch.minimum(weight[size - rise.numel():], rise.flip(0))
+    if left:
+        weight[:left] = torch.minimum(weight[:left], _rise(left, device))
+    if right:
+        weight[size - right:] = torch.minimum(weight[size - right:], _rise(right, device).flip(0))
     return weight
+
+
+def _rise(length: int, device: torch.device | None) -> torch.Tensor:
+    """(0.5 .. length - 0.5) / length: a linear ramp from near 0 to near 1."""
+    return (torch.arange(length, device=device, dtype=torch.float32) + 0.5) / length
+
+
+def _shared(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
+    """(pixels shared with the previous window, with the next window) for each window of an axis."""
+    ends = [min(start + tile, length) for start in starts]
+    before = [0] + [ends[i - 1] - starts[i] for i in range(1, len(starts))]
+    return list(zip(before, before[1:] + [0]))
 
 
 def _check_tiling(lr: torch.Tensor, tile: int, overlap: int) -> None:
@@ -82,20 +93,20 @@ def upscale_tiled(
     if shared_codes:
         ca, xk = generator.convert(student.encode(lr), (height, width))  # (B, 48), (B, 8, H, W)
     ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    y_shared, x_shared = _shared(ys, tile, height), _shared(xs, tile, width)
     out = lr.new_zeros(lr.shape[0], 3, height * scale, width * scale)
     total = lr.new_zeros(1, 1, height * scale, width * scale)
-    ramp = overlap * scale
-    for row, y0 in enumerate(ys):
+    for y0, (top, bottom) in zip(ys, y_shared):
         y1 = min(y0 + tile, height)
-        wy = blend_ramp((y1 - y0) * scale, ramp, row > 0, row < len(ys) - 1, lr.device)
-        for col, x0 in enumerate(xs):
+        wy = blend_ramp((y1 - y0) * scale, top * scale, bottom * scale, lr.device)
+        for x0, (left, right) in zip(xs, x_shared):
             x1 = min(x0 + tile, width)
             piece = lr[..., y0:y1, x0:x1]
             if shared_codes:
                 sr = generator.reconstruct(piece, ca, xk[..., y0:y1, x0:x1])
             else:
                 sr = student(piece)
-            wx = blend_ramp((x1 - x0) * scale, ramp, col > 0, col < len(xs) - 1, lr.device)
+            wx = blend_ramp((x1 - x0) * scale, left * scale, right * scale, lr.device)
             weight = (wy[:, None] * wx[None, :])[None, None]  # (1, 1, th*s, tw*s)
             region = (..., slice(y0 * scale, y1 * scale), slice(x0 * scale, x1 * scale))
             out[region] += sr * weight
@@ -112,9 +123,9 @@ def upscale(
     device = next(student.parameters()).device
     lr = image.to(device).permute(2, 0, 1)[None].float() / 255  # (H, W, 3) -> (1, 3, H, W)
     sr = upscale_tiled(student, lr, tile, overlap)
-    return quantize(sr)[0].permute(1, 2, 0).cpu()  # -> (sH, sW, 3)
+    return to_uint8(sr)[0].permute(1, 2, 0).cpu()  # -> (sH, sW, 3)
 
 
-def quantize(sr: torch.Tensor) -> torch.Tensor:
+def to_uint8(sr: torch.Tensor) -> torch.Tensor:
     """Float SR in [0, 1] (unclamped) -> uint8 on 8-bit levels, rounding half to even like torch.round."""
     return (sr.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -60,7 +60,7 @@ class DataConfig(_Strict):
     eval_images: str = Field("data/samples/eval", description="held-out HR images for validation and evaluation")
     benchmarks: str | None = Field(None, description="<root>/<Set5|Set14|B100|Urban100|Manga109>/HR/*.png")
     shards: str | None = Field(None, description="training shards URL; default <storage.root>/shards/train")
-    tile_size: int = Field(256, ge=16, description="HR tile side stored in the shards")
+    tile_size: int = Field(384, ge=16, description="HR tile side stored in the shards (> HR patch, so views differ)")
     tiles_per_shard: int = Field(64, ge=1)
     patch_size: int = Field(64, ge=8, description="LR training patch (HR patch = patch_size * scale)")
     views: int = Field(4, ge=2, description="LR views per HR tile for the teacher (they share one degradation)")
@@ -302,3 +302,10 @@ def flatten_config(cfg: Config) -> dict[str, str]:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+
+
+def add_config_arguments(parser) -> None:
+    """`--config FILE` and repeatable `--set section.key=value`, the same on every command."""
+    parser.add_argument("--config", help="YAML config (see workflows/configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.num_workers=2 (repeatable)")

@@ -32,7 +32,7 @@ from lightbsr.protocols import DegradationCase, get_protocol
 from lightbsr.tiling import upscale_tiled
 from workflows import storage
 from workflows.config import Config, load_config
-from workflows.register import RegistryError, fetch_checkpoint
+from workflows.register import OURS, RegistryError, fetch_checkpoint
 
 __all__ = [
     "OURS",
@@ -51,7 +51,6 @@ __all__ = [
     "main",
 ]
 
-OURS = "LightBSR (ours)"
 BICUBIC = "Bicubic"
 SAMPLES_SET = "samples"
 PAPER_SETS = ("Set5", "Set14", "B100", "Urban100")
@@ -102,7 +101,7 @@ def bicubic_upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
 
 
 def collect_items(cfg: Config, benchmarks: str | None) -> list[dict[str, Any]]:
-    """One row per (set, image, protocol, case), carrying the HR file's bytes; sorted, so runs match."""
+    """One row per (set, image, protocol), carrying the HR file's bytes (the scorer runs every case)."""
     sets: dict[str, list[Path]] = {}
     root = benchmarks or cfg.data.benchmarks
     if root:
@@ -116,10 +115,8 @@ def collect_items(cfg: Config, benchmarks: str | None) -> list[dict[str, Any]]:
         for path in paths:
             data = path.read_bytes()
             for protocol_name in cfg.evaluate.protocols:
-                protocol = get_protocol(protocol_name)
-                for case in protocol.cases:
-                    items.append({"set": set_name, "image": path.name, "protocol": protocol.name,
-                                  "case": case.name, "data": data})
+                items.append({"set": set_name, "image": path.name, "protocol": get_protocol(protocol_name).name,
+                              "data": data})
     return items
 
 
@@ -138,7 +135,8 @@ class Scorer:
         self.student = self.loaded.model.to(self.device)
         self.tile, self.overlap, self.crop = tile, overlap, crop
 
-    def score(self, item: dict[str, Any]) -> dict[str, Any]:
+    def score(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        """One image under every case of its protocol -> one result row per case."""
         key = f"{item['set']}/{item['image']}"
         pixels = read_rgb(bytes(item["data"]), key)  # (H, W, 3) uint8
         if self.crop:
@@ -146,20 +144,23 @@ class Scorer:
         protocol = get_protocol(str(item["protocol"]))
         if protocol.scale != self.student.scale:
             raise ValueError(f"protocol {protocol.name} is x{protocol.scale} but the model is x{self.student.scale}")
-        hr = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 255
-        hr, lr = protocol.make_pair(hr, protocol.case(str(item["case"])), key)  # (1, 3, H, W), (1, 3, H/s, W/s)
-        with torch.no_grad():
-            sr = upscale_tiled(self.student, lr.to(self.device), self.tile, self.overlap).cpu()
-        base = bicubic_upsample(lr, protocol.scale)
-        s = protocol.scale
-        return {
-            "set": item["set"], "image": item["image"], "protocol": protocol.name, "case": item["case"],
-            "psnr": float(psnr(sr, hr, s)[0]), "ssim": float(ssim(sr, hr, s)[0]),
-            "bicubic_psnr": float(psnr(base, hr, s)[0]), "bicubic_ssim": float(ssim(base, hr, s)[0]),
-        }
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 255
+        rows = []
+        for case in protocol.cases:
+            hr, lr = protocol.make_pair(image, case, key)  # (1, 3, H, W), (1, 3, H/s, W/s)
+            with torch.no_grad():
+                sr = upscale_tiled(self.student, lr.to(self.device), self.tile, self.overlap).cpu()
+            base = bicubic_upsample(lr, protocol.scale)
+            s = protocol.scale
+            rows.append({
+                "set": str(item["set"]), "image": str(item["image"]), "protocol": protocol.name, "case": case.name,
+                "psnr": float(psnr(sr, hr, s)[0]), "ssim": float(ssim(sr, hr, s)[0]),
+                "bicubic_psnr": float(psnr(base, hr, s)[0]), "bicubic_ssim": float(ssim(base, hr, s)[0]),
+            })
+        return rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self.score({k: batch[k][i] for k in batch}) for i in range(len(batch["set"]))]
+        rows = [row for i in range(len(batch["set"])) for row in self.score({k: batch[k][i] for k in batch})]
         return {key: np.array([row[key] for row in rows]) for key in rows[0]}
 
 
@@ -172,7 +173,7 @@ def _plain(value: Any) -> Any:
 
 
 def score_local(items: list[dict[str, Any]], scorer: Scorer) -> list[dict[str, Any]]:
-    return _sorted([scorer.score(item) for item in items])
+    return _sorted([row for item in items for row in scorer.score(item)])
 
 
 def score_with_ray(items: list[dict[str, Any]], checkpoint: bytes, cfg: Config) -> list[dict[str, Any]]:

@@ -99,13 +99,16 @@ def list_shards(url: str, cfg: Config) -> tuple[ShardInfo, ...]:
         shards = tuple(ShardInfo(storage.join(url, name), _footer_rows(storage.join(url, name), cfg.storage.s3))
                        for name in names)
     if not shards:
-        raise ValueError(f"{storage.redact(url)}: no shard-NNNNN.parquet files with tiles (run `lightbsr shards` first)")
+        raise ValueError(
+            f"{storage.redact(url)}: no shard-NNNNN.parquet files with tiles (run `lightbsr shards` first)"
+        )
     return shards
 
 
 def _footer_rows(url: str, s3_cfg: S3Config) -> int:
     fs, path = storage.filesystem(url, s3_cfg)
-    return int(storage.retrying("read the footer of", url, lambda: pq.ParquetFile(path, filesystem=fs).metadata.num_rows, s3_cfg))
+    footer = storage.retrying("read the footer of", url, lambda: pq.ParquetFile(path, filesystem=fs).metadata, s3_cfg)
+    return int(footer.num_rows)
 
 
 @functools.lru_cache(maxsize=SHARD_CACHE_SIZE)
@@ -170,7 +173,9 @@ def sample_spec(
     if cfg.train.seed < 0:
         raise ValueError(f"train.seed: expected a seed >= 0, got {cfg.train.seed}")
     if not 0 <= start_epoch < cfg.schedule.epochs:
-        raise ValueError(f"start_epoch: expected 0 <= start_epoch < schedule.epochs ({cfg.schedule.epochs}), got {start_epoch}")
+        raise ValueError(
+            f"start_epoch: expected 0 <= start_epoch < schedule.epochs ({cfg.schedule.epochs}), got {start_epoch}"
+        )
     s3_cfg = cfg.storage.s3
     shards = shards if shards is not None else list_shards(cfg.shards_url, cfg)
     return SampleSpec(
@@ -196,9 +201,8 @@ def pass_slots(shard_rows: tuple[int, ...], seed: int, pass_index: int) -> np.nd
     order = rng.permutation(len(shard_rows))
     windows = []
     for start in range(0, len(order), SHARD_WINDOW):
-        slots = np.concatenate(
-            [np.stack([np.full(shard_rows[k], k), np.arange(shard_rows[k])], axis=1) for k in order[start:start + SHARD_WINDOW]]
-        )
+        window = order[start:start + SHARD_WINDOW]
+        slots = np.concatenate([np.stack([np.full(shard_rows[k], k), np.arange(shard_rows[k])], 1) for k in window])
         windows.append(slots[rng.permutation(len(slots))])
     return np.concatenate(windows).astype(np.int64)
 
@@ -239,7 +243,10 @@ def _torch_generator(seed_sequence: np.random.SeedSequence) -> torch.Generator:
 
 
 def _augmented_views(tile: np.ndarray, size: int, views: int, rng: np.random.Generator, name: str) -> np.ndarray:
-    """`views` random size x size crops of an (H, W, 3) tile, each flipped / transposed at random -> (V, 3, size, size)."""
+    """`views` random size x size crops of an (H, W, 3) tile, each flipped / transposed at random.
+
+    -> uint8 (V, 3, size, size)
+    """
     height, width = tile.shape[:2]
     if height < size or width < size:
         raise ValueError(f"{name}: a {width}x{height} tile is smaller than the HR patch {size}x{size}")
@@ -259,7 +266,8 @@ def _augmented_views(tile: np.ndarray, size: int, views: int, rng: np.random.Gen
 
 
 def _stack_degradations(items: list[Degradation]) -> Degradation:
-    return Degradation(**{f.name: torch.cat([getattr(d, f.name) for d in items]) for f in dataclasses.fields(Degradation)})
+    fields = dataclasses.fields(Degradation)
+    return Degradation(**{f.name: torch.cat([getattr(d, f.name) for d in items]) for f in fields})
 
 
 def make_chunk(spec: SampleSpec, chunk_index: int) -> dict[str, np.ndarray]:
@@ -308,10 +316,25 @@ def epoch_samples(spec: SampleSpec, epoch: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- Ray Data
 
 
-def _execution_options(cfg: Config):
-    from ray.data import ExecutionOptions, ExecutionResources
+def _execution_options():
+    """Chunks leave in order (what keeps epochs aligned under the round-robin split).
 
-    return ExecutionOptions(preserve_order=True, resource_limits=ExecutionResources(cpu=cfg.data.data_cpus))
+    No `resource_limits`: a global CPU cap is shared out fairly over every operator, so the
+    tiny chunk-id operators in front would hold CPUs the decode + degrade tasks need (in our
+    runs the map then ran about one task at a time); the CPU budget is the task pool's size.
+    """
+    from ray.data import ExecutionOptions
+
+    return ExecutionOptions(preserve_order=True)
+
+
+def _task_pool(cfg: Config) -> dict:
+    """map_batches arguments that run at most `data.data_cpus` CPUs of decode + degrade tasks."""
+    from ray.data import TaskPoolStrategy
+
+    cpus_per_task = min(1.0, cfg.data.data_cpus)
+    tasks = max(1, int(cfg.data.data_cpus / cpus_per_task))
+    return {"num_cpus": cpus_per_task, "compute": TaskPoolStrategy(size=tasks)}
 
 
 def training_dataset(
@@ -328,8 +351,8 @@ def training_dataset(
     """The `ray.data.Dataset` of training rows from `start_epoch` to the end of the schedule.
 
     Consume it once per run (the loop counts `schedule.iters_per_epoch` batches of
-    `train.batch_size // train.num_workers` rows per epoch); pass `training_data_config(cfg)` to
-    the TorchTrainer so Train keeps the order and CPU budget set here. `epochs` limits the stream;
+    `train.batch_size // train.num_workers` rows per epoch); pass `training_data_config()` to
+    the TorchTrainer so Train keeps the chunk order set here. `epochs` limits the stream;
     `runtime_env` goes to the decode + degrade tasks (e.g. S3 settings for workers started
     without them; Ray shows a runtime_env in its dashboard, so prefer the workers' own AWS chain).
     """
@@ -344,23 +367,23 @@ def training_dataset(
         ray.data.range(chunks, override_num_blocks=max(1, min(chunks, 4 * (stop_epoch - start_epoch))))
         .repartition(target_num_rows_per_block=1)  # one chunk per block -> one chunk per task
         .map_batches(
-            _chunks_to_rows, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec}, num_cpus=1,
+            _chunks_to_rows, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec}, **_task_pool(cfg),
             **({"runtime_env": runtime_env} if runtime_env else {}),
         )
     )
-    ds.context.execution_options = _execution_options(cfg)
+    ds.context.execution_options = _execution_options()
     return ds
 
 
-def training_data_config(cfg: Config):
-    """The `ray.train.DataConfig` that keeps chunk order and the Ray Data CPU budget under Train.
+def training_data_config():
+    """The `ray.train.DataConfig` that keeps the chunk order under Train (Train would replace it).
 
     Shard locality is off: it would deal chunks to workers by node, breaking the round-robin
     that aligns epochs (the cost is a cross-node copy of LR/HR patches, small next to a step).
     """
     from ray.train import DataConfig
 
-    return DataConfig(execution_options=_execution_options(cfg), enable_shard_locality=False)
+    return DataConfig(execution_options=_execution_options(), enable_shard_locality=False)
 
 
 # ----------------------------------------------------------------------------- evaluation shards

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from workflows.config import Config, ConfigError, load_config
+from workflows.config import Config, ConfigError, add_config_arguments, load_config
 
 STEPS = ("samples", "shards", "teacher", "student", "evaluate", "register")
 
@@ -85,13 +85,29 @@ def step_student(cfg: Config, done: dict) -> dict:
 def step_evaluate(cfg: Config, done: dict) -> dict:
     from workflows.evaluate import evaluate_model
 
-    return _as_dict(evaluate_model(done["student"]["checkpoint"], cfg))
+    out = cfg.url("evaluation", cfg.train.run_name)
+    result = evaluate_model(done["student"]["checkpoint"], cfg, benchmarks=cfg.data.benchmarks,
+                            teacher_ref=done["teacher"]["checkpoint"], out=out)
+    print(result.tables.markdown)
+    return {"folder": out, "table_csv": f"{out}/table.csv", "mlflow_run_id": result.run_id, "idr": result.idr}
 
 
 def step_register(cfg: Config, done: dict) -> dict:
-    from workflows.register import register_model
+    import tempfile
 
-    return _as_dict(register_model(done["student"]["checkpoint"], cfg, evaluation=done.get("evaluate")))
+    from workflows import storage
+    from workflows.register import register_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="lightbsr-pipeline-") as tmp:
+        table = None
+        if "evaluate" in done:
+            table = f"{tmp}/table.csv"
+            with open(table, "wb") as fh:
+                fh.write(storage.read_bytes(done["evaluate"]["table_csv"], cfg.storage.s3))
+        name, version = register_checkpoint(done["student"]["checkpoint"], cfg, eval_table=table)
+    model_uri = f"models:/{name}@{cfg.tracking.alias}"
+    print(f"[pipeline] registered {name} version {version}: lightbsr upscale --model {model_uri} IN OUT")
+    return {"model_uri": model_uri, "name": name, "version": version}
 
 
 STEP_FUNCTIONS: dict[str, Callable[[Config, dict], dict]] = {
@@ -143,9 +159,7 @@ def run_pipeline(cfg: Config, steps: tuple[str, ...] = STEPS, log: Callable[[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightbsr pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config (workflows/configs/quickstart.yaml, ...)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.num_workers=2 (repeatable)")
+    add_config_arguments(parser)
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     args = parser.parse_args(argv)
     try:

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +41,11 @@ __all__ = [
 CHECKPOINT_ARTIFACT = "checkpoint"
 EVAL_TABLE_ARTIFACT = "evaluation"
 PINNED_PACKAGES = ("torch", "numpy", "Pillow", "mlflow", "PyYAML", "pydantic")
+OURS = "LightBSR (ours)"  # the method name of our lines in `lightbsr evaluate` tables
 
 
 class RegistryError(ValueError):
     """A model reference that cannot be resolved: names the registry, the model and the alias."""
-
-
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
 
 
 class LightBSRModel(mlflow.pyfunc.PythonModel):
@@ -116,7 +113,7 @@ def _model_version(ref: str, uri: str):
 
 
 def fetch_checkpoint(ref: str, cfg: Config, workdir: str | os.PathLike) -> Path:
-    """A local checkpoint file or folder for a path, an `s3://` URL or a `models:/` reference."""
+    """A local checkpoint file or folder for a path, an `s3://` file or folder URL, `runs:/` or `models:/`."""
     if ref.startswith("models:/"):
         import mlflow.artifacts
 
@@ -131,11 +128,20 @@ def fetch_checkpoint(ref: str, cfg: Config, workdir: str | os.PathLike) -> Path:
         except (KeyError, TypeError):
             raise RegistryError(f"{ref} (version {version.version}) is not a lightbsr model: no checkpoint artifact")
         return model_dir / relative
+    if ref.startswith("runs:/"):
+        import mlflow.artifacts
+
+        check_registry(cfg.tracking_uri)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(workdir),
+                                                        tracking_uri=cfg.tracking_uri))
     if "://" in ref and not ref.startswith("file://"):
         from workflows import storage
 
-        target = Path(workdir) / Path(ref.rstrip("/")).name
-        target.write_bytes(storage.read_bytes(ref, cfg.storage.s3))
+        url = ref.rstrip("/")
+        if storage.list_files(url, cfg.storage.s3) != [""]:  # a checkpoint folder
+            url = storage.join(url, "model.pt")
+        target = Path(workdir) / Path(url).name
+        target.write_bytes(storage.read_bytes(url, cfg.storage.s3))
         return target
     path = Path(ref.removeprefix("file://")).expanduser()
     if not path.exists():
@@ -157,17 +163,16 @@ def _pinned_requirements() -> list[str]:
 
 
 def _psnr_tags(table_csv: Path) -> dict[str, str]:
-    """`psnr.<protocol>.<set>` = our mean Y-PSNR over the protocol's cases, from an evaluation CSV."""
-    sums: dict[str, list[float]] = {}
+    """`psnr.<protocol>.<set>` = our Y-PSNR averaged over the protocol's cases (the 'mean' lines of the CSV)."""
+    tags = {}
     with open(table_csv, newline="") as handle:
         for row in csv.DictReader(handle):
-            if row.get("method") != "LightBSR (ours)":
+            if row.get("method") != OURS or row.get("case") != "mean":
                 continue
             for column, value in row.items():
-                if column.endswith(" PSNR") and value not in ("", None, "-"):
-                    key = f"psnr.{row['protocol']}.{column[: -len(' PSNR')]}"
-                    sums.setdefault(key, []).append(float(value))
-    return {key: f"{sum(values) / len(values):.2f}" for key, values in sums.items()}
+                if column.endswith(" PSNR") and value:
+                    tags[f"psnr.{row['protocol']}.{column[: -len(' PSNR')]}"] = f"{float(value):.2f}"
+    return tags
 
 
 def _signature():
@@ -235,10 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, args.set)
     try:
+        cfg = load_config(args.config, args.set)
         name, version = register_checkpoint(args.checkpoint, cfg, args.alias, args.eval_table)
-    except (RegistryError, CheckpointError) as error:
+    except (RegistryError, CheckpointError, ValueError) as error:
         print(f"lightbsr register: {error}", file=sys.stderr)
         return 1
     print(f"registered models:/{name}/{version} as models:/{name}@{args.alias or cfg.tracking.alias}")

@@ -10,7 +10,7 @@ Epochs are 1-based, as in `lightbsr.schedule`; the data stream counts completed 
 
 Checkpoints go through `ray.train.report` to `<storage.root>/<run_name>-<stage>/checkpoint_*`,
 each a folder with `model.pt` (`lightbsr.checkpoint` format: weights including the momentum
-encoder and queue, optimiser, scaler, RNG states, PCA basis, config) and `progress.json`. A
+encoder and queue, optimiser, scaler, RNG states, PCA basis, config). A
 lost worker restarts from the latest one (`train.max_failures`); rerunning the same command
 (same run name and storage root) continues the run, and does nothing when it is complete.
 """
@@ -44,7 +44,7 @@ from workflows.config import Config, ConfigError, load_config
 __all__ = ["StageResult", "train", "train_stage", "train_loop_per_worker", "latest_checkpoint", "main"]
 
 STAGES = ("teacher", "student")
-PROGRESS_FILE = "progress.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2 (2.60) run record
 VALIDATION_IMAGES = 4  # held-out images scored every epoch (the sweep's objective)
 VALIDATION_LR_SIDE = 48  # LR centre crop side: cheap enough to run every epoch
 
@@ -73,23 +73,22 @@ def _check_stage(stage: str) -> None:
 
 
 def latest_checkpoint(cfg: Config, run_name: str) -> tuple[str, dict[str, Any]] | None:
-    """(folder URI, progress) of the furthest checkpoint of a run in storage, or None."""
+    """(folder URI, metrics reported with it) of the checkpoint Ray Train restores a run from, or None.
+
+    Read from Ray Train's own record of the run (`checkpoint_manager_snapshot.json`, written after
+    a checkpoint is fully stored), so a half-copied checkpoint folder is never taken.
+    """
     from workflows import storage
 
     run_url = storage.join(cfg.storage.root, run_name)
     try:
-        files = storage.list_files(run_url, cfg.storage.s3)
-    except (FileNotFoundError, storage.StorageError):
+        snapshot = json.loads(storage.read_bytes(storage.join(run_url, RAY_SNAPSHOT), cfg.storage.s3))
+    except (FileNotFoundError, json.JSONDecodeError):
         return None
-    best: tuple[str, dict[str, Any]] | None = None
-    for relative in files:
-        folder, _, name = relative.rpartition("/")
-        if name != PROGRESS_FILE or not folder.startswith("checkpoint_") or "/" in folder:
-            continue
-        progress = json.loads(storage.read_bytes(storage.join(run_url, relative), cfg.storage.s3))
-        if best is None or progress["iteration"] > best[1]["iteration"]:
-            best = (storage.join(run_url, folder), progress)
-    return best
+    latest = snapshot.get("latest_checkpoint_result")
+    if not latest:
+        return None
+    return storage.join(run_url, latest["checkpoint_dir_name"]), latest["metrics"]
 
 
 def _local_copy(url: str, cfg: Config, folder: str) -> str:
@@ -216,8 +215,9 @@ def train_stage(
     done = latest_checkpoint(cfg, run_name)
     if done and done[1]["epoch"] >= cfg.schedule.epochs:
         print(f"[train] {run_name}: already complete at epoch {done[1]['epoch']} ({done[0]})")
-        return StageResult(stage, run_name, done[0], done[1]["epoch"], done[1]["iteration"],
-                           done[1].get("metrics", {}), run_id)
+        if run_id:
+            mlflow_tracking.client(cfg).set_terminated(run_id, status="FINISHED")
+        return StageResult(stage, run_name, done[0], done[1]["epoch"], done[1]["iteration"], done[1], run_id)
 
     init_ray(cfg.ray)
     loop_config = {
@@ -391,6 +391,10 @@ def validation_set(cfg: Config, basis: torch.Tensor, device: torch.device) -> di
     if "://" in folder or not Path(folder).is_dir():
         return None
     protocol = get_protocol(cfg.tune.protocol)
+    if protocol.scale != cfg.model.scale or protocol.setting != cfg.model.setting:
+        print(f"[train] no validation: tune.protocol {protocol.name} is x{protocol.scale} setting {protocol.setting}, "
+              f"the model x{cfg.model.scale} setting {cfg.model.setting}")
+        return None
     side = VALIDATION_LR_SIDE * cfg.model.scale
     lrs, hrs, priors = [], [], []
     for index, path in enumerate(list_images(folder)[:VALIDATION_IMAGES]):
@@ -505,8 +509,6 @@ def _save_and_report(ctx: LoopContext, model: nn.Module, optimizer, precision: P
             save_checkpoint(folder, model, role=ctx.stage, model_config=ctx.cfg.model.model_dump(),
                             pca_basis=ctx.basis, epoch=epoch, iteration=iteration, train_state=train_state,
                             config=ctx.cfg.model_dump())
-            progress = {"stage": ctx.stage, "epoch": epoch, "iteration": iteration, "metrics": metrics}
-            Path(folder, PROGRESS_FILE).write_text(json.dumps(progress))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 

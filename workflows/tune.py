@@ -18,7 +18,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from workflows.config import Config, ConfigError, SearchParam, config_from_dict, dump_config, load_config
+from workflows.config import (Config, ConfigError, SearchParam, add_config_arguments, config_from_dict, dump_config,
+                              load_config)
 
 METRIC, MODE = "val_psnr", "max"
 
@@ -116,7 +117,9 @@ def _tuner(cfg: Config, space: dict[str, SearchParam], parent_run_id: str):
         print(f"[tune] resuming sweep {name} from {storage}/{name}")
         return tune.Tuner.restore(f"{storage}/{name}", trainable, resume_unfinished=True, resume_errored=True)
     search = OptunaSearch(metric=METRIC, mode=MODE, seed=cfg.tune.seed, points_to_evaluate=[paper_point(cfg, space)])
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.schedule.epochs,
+    # max_t one past the last epoch: a trial that runs to the end returns by itself (and closes its
+    # MLflow run) instead of being stopped by the scheduler at its last report.
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.schedule.epochs + 1,
                               grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
     return tune.Tuner(
         trainable,
@@ -143,18 +146,30 @@ def _parent_run(cfg: Config) -> str:
     return run_id
 
 
+def _close_stopped_trial_runs(cfg: Config, parent_run_id: str) -> None:
+    """Trials stopped by ASHA never return, so their MLflow runs are closed here as KILLED."""
+    from workflows import tracking
+
+    client = tracking.client(cfg)
+    open_runs = client.search_runs(
+        [tracking.experiment_id(cfg)],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    for run in open_runs:
+        client.set_terminated(run.info.run_id, status="KILLED")
+
+
 def trials_table(results, space: dict[str, SearchParam], max_epochs: int) -> list[dict[str, Any]]:
-    """One row per trial: its searched values, best validation PSNR, epochs run, early stop."""
+    """One row per trial: its searched values, last validation PSNR, epochs run, early stop."""
     rows = []
     for result in results:
-        history = result.metrics_dataframe
-        values = [] if history is None or METRIC not in history else [float(v) for v in history[METRIC]]
+        metrics = result.metrics or {}
+        epochs = int(metrics.get("training_iteration", 0))
         rows.append({
-            "trial": result.path.rstrip("/").rsplit("/", 1)[-1],
+            "trial": metrics.get("trial_id", result.path.rstrip("/").rsplit("/", 1)[-1]),
             **{key: float(result.config[key]) for key in space},
-            METRIC: max(values) if values else float("nan"),
-            "epochs": len(values),
-            "stopped_early": bool(values) and len(values) < max_epochs and result.error is None,
+            METRIC: float(metrics.get(METRIC, float("nan"))),
+            "epochs": epochs,
+            "stopped_early": result.error is None and 0 < epochs < max_epochs,
             "error": type(result.error).__name__ if result.error else "",
         })
     return rows
@@ -218,14 +233,15 @@ def run_sweep(cfg: Config) -> SweepResult:
     write_shards(cfg.data.train_images, cfg.shards_url, cfg)  # no-op when the shards are complete
     parent_run_id = _parent_run(cfg)
     results = _tuner(cfg, space, parent_run_id).fit()
+    _close_stopped_trial_runs(cfg, parent_run_id)
     rows = trials_table(results, space, cfg.schedule.epochs)
-    best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
+    best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
     best_params = {k: float(best.config[k]) for k in space}
     best_cfg = trial_config(cfg.model_dump(), best_params, cfg.train.run_name)
     best_url = cfg.url("tune", f"{cfg.train.run_name}-sweep", "best_config.yaml")
     storage.atomic_write_bytes(best_url, dump_config(best_cfg).encode(), cfg.storage.s3)
     client = tracking.client(cfg)
-    best_value = float(best.metrics_dataframe[METRIC].max())
+    best_value = float(best.metrics[METRIC])
     client.log_metric(parent_run_id, f"best_{METRIC}", best_value)
     client.log_text(parent_run_id, dump_config(best_cfg), "best_config.yaml")
     client.log_text(parent_run_id, _markdown(rows), "trials.md")
@@ -246,8 +262,7 @@ def _png_array(png: bytes):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightbsr tune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -219,3 +219,36 @@ def test_unsupported_scale_and_setting_are_rejected():
         Student(scale=8)
     with pytest.raises(ValueError, match="setting: expected 1 or 2"):
         Teacher(setting=3)
+
+
+def test_gradients_through_the_generator_are_exact():
+    """The in-place inference shortcuts must not leak into the autograd path: numerical vs analytic gradients."""
+    torch.manual_seed(0)
+    student = Student(scale=2, n_groups=1, n_blocks=1).double().eval()
+    randomise_layer_scales(student)
+    lr = torch.rand(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: student(x), (lr,), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_inference_mode_gives_the_same_output_as_autograd_mode():
+    student = small_student().eval()
+    randomise_layer_scales(student)
+    lr = torch.rand(1, 3, 20, 22)
+    tracked = student(lr)  # parameters require grad: the out-of-place path
+    with torch.inference_mode():
+        untracked = student(lr)  # the in-place path
+    torch.testing.assert_close(untracked, tracked.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_is_close_to_fp32(dtype):
+    student = small_student().cuda().eval()
+    randomise_layer_scales(student)
+    lr = torch.rand(1, 3, 63, 65, device="cuda")
+    with torch.inference_mode():
+        reference = student(lr)
+        with torch.autocast("cuda", dtype=dtype):
+            mixed = student(lr)
+    assert mixed.shape == (1, 3, 252, 260) and mixed.dtype == dtype
+    assert ((mixed.float() - reference).abs().max() / reference.abs().max()).item() < 5e-2

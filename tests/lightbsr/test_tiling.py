@@ -45,10 +45,10 @@ def code_driven_student(lr: torch.Tensor, seed: int = 0) -> Student:
 
 @pytest.fixture(scope="module")
 def wide_lr(sample_images) -> torch.Tensor:
-    """Real photographs side by side, 96 x 320 LR: smooth sky beside fine texture (the tiles see
+    """Real photographs side by side, 64 x 320 LR: smooth sky beside fine texture (the tiles see
     different content, as in a panorama), wider than one default tile, small enough to run untiled."""
-    sky = read_rgb(sample_images / "eval" / "sail.png")[0:96, 0:160]
-    texture = read_rgb(sample_images / "eval" / "barbara.png")[300:396, 400:560]
+    sky = read_rgb(sample_images / "eval" / "sail.png")[0:64, 0:160]
+    texture = read_rgb(sample_images / "eval" / "barbara.png")[300:364, 400:560]
     pixels = np.concatenate([sky, texture], axis=1)
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 255
 
@@ -77,10 +77,12 @@ def test_tile_starts_cover_the_axis_with_at_least_the_overlap(length, tile, over
 
 
 def test_blend_ramp_only_fades_edges_that_have_a_neighbour():
-    w = blend_ramp(20, 8, left=True, right=False)
+    w = blend_ramp(20, 8, 0)
     assert torch.all(w > 0) and torch.all(w[8:] == 1)
-    assert torch.all(w[1:8] > w[:7])  # rising across the overlap
-    assert torch.equal(blend_ramp(20, 8, left=False, right=False), torch.ones(20))
+    assert torch.all(w[1:8] > w[:7])  # rising across the shared pixels
+    assert torch.equal(blend_ramp(20, 0, 0), torch.ones(20))
+    both = blend_ramp(20, 6, 4)
+    assert torch.allclose(both[:6] + blend_ramp(20, 0, 6)[-6:], torch.ones(6))  # neighbours sum to one
 
 
 def test_tiled_output_matches_untiled_at_default_tile_and_overlap(outputs, wide_lr, record_property):
@@ -121,6 +123,21 @@ def test_small_tiles_cover_an_odd_image_exactly_once_in_shape():
     tiled = upscale_tiled(student, lr, tile=24, overlap=8)
     assert tiled.shape == whole.shape == (1, 3, 82, 134)
     assert psnr_db(tiled.clamp(0, 1), whole.clamp(0, 1)) > 40.0
+
+
+def test_generator_never_sees_more_than_one_tile(monkeypatch):
+    student = Student(scale=2, n_groups=1, n_blocks=1).eval()
+    seen = []
+    reconstruct = student.generator.reconstruct
+
+    def recording(lr, ca, xk):
+        seen.append(tuple(lr.shape[-2:]))
+        return reconstruct(lr, ca, xk)
+
+    monkeypatch.setattr(student.generator, "reconstruct", recording)
+    out = upscale_tiled(student, torch.rand(1, 3, 70, 100), tile=32, overlap=8)
+    assert out.shape == (1, 3, 140, 200)
+    assert len(seen) == 3 * 4 and all(h <= 32 and w <= 32 for h, w in seen)
 
 
 def test_uint8_upscale_returns_an_image_of_scaled_size():

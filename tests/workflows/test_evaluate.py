@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from lightbsr.checkpoint import load_checkpoint, save_checkpoint
+from lightbsr.checkpoint import save_checkpoint
 from lightbsr.images import read_rgb
 from lightbsr.protocols import get_protocol
 from lightbsr.student import Student
@@ -36,7 +35,7 @@ def parity_checkpoint(parity_vectors, tmp_path_factory):
 
 
 def eval_config(sample_images, *extra):
-    return load_config(None, [f"data.eval_images={sample_images / 'eval'}", "evaluate.crop=96", *extra])
+    return load_config(None, [f"data.eval_images={sample_images / 'eval'}", "evaluate.crop=64", *extra])
 
 
 def test_bicubic_upsample_matches_pillow_away_from_the_borders():
@@ -96,10 +95,21 @@ def test_tables_hold_bicubic_published_and_our_rows_with_independent_numbers(sam
     assert 15 < float(base["Set5 PSNR"]) < 40
 
 
+@pytest.fixture(scope="module")
+def logged_local_run(parity_checkpoint, parity_vectors, sample_images, mlflow_server, tmp_path_factory):
+    """The parity student scored locally on the evaluation photographs, with the IDR probe, logged to MLflow."""
+    folder = tmp_path_factory.mktemp("evaluate")
+    torch.save(parity_vectors["teacher_x4_setting1"]["state_dict"], folder / "teacher.pt")
+    cfg = eval_config(sample_images, f"tracking.uri={mlflow_server}", "tracking.experiment=evaluate-test",
+                      "evaluate.idr_patches=8", "evaluate.idr_patch=64")
+    result = evaluate_model(str(parity_checkpoint), cfg, local=True, teacher_ref=str(folder / "teacher.pt"),
+                            out=str(folder / "out"))
+    return cfg, result, folder
+
+
 @pytest.mark.slow
-def test_parity_model_tables_are_identical_locally_and_through_ray_data(parity_checkpoint, sample_images, ray_local):
-    cfg = eval_config(sample_images)
-    local = evaluate_model(str(parity_checkpoint), cfg, local=True, idr=False, log=False)
+def test_parity_model_tables_are_identical_locally_and_through_ray_data(logged_local_run, parity_checkpoint, ray_local):
+    cfg, local, _ = logged_local_run
     remote = evaluate_model(str(parity_checkpoint), cfg, local=False, idr=False, log=False)
     assert len(local.rows) == 5 * 3  # five evaluation photographs x three sigmas
     assert remote.rows == local.rows  # every float, exactly
@@ -108,15 +118,10 @@ def test_parity_model_tables_are_identical_locally_and_through_ray_data(parity_c
 
 
 @pytest.mark.slow
-def test_idr_discriminability_and_tables_are_logged_to_mlflow(parity_checkpoint, parity_vectors, sample_images,
-                                                              mlflow_server, tmp_path):
+def test_idr_discriminability_and_tables_are_logged_to_mlflow(logged_local_run, mlflow_server, tmp_path):
     import mlflow
 
-    torch.save(parity_vectors["teacher_x4_setting1"]["state_dict"], tmp_path / "teacher.pt")
-    cfg = eval_config(sample_images, f"tracking.uri={mlflow_server}", "tracking.experiment=evaluate-test",
-                      "evaluate.idr_patches=8", "evaluate.idr_patch=64")
-    result = evaluate_model(str(parity_checkpoint), cfg, local=True, teacher_ref=str(tmp_path / "teacher.pt"),
-                            out=str(tmp_path / "out"))
+    _, result, folder = logged_local_run
     teacher, student = result.idr["teacher"], result.idr["student"]
     assert teacher["probe_accuracy"] > teacher["chance"]  # its input carries the degradation prior
     assert 0.0 <= student["probe_accuracy"] <= 1.0 and -1.0 <= student["silhouette"] <= 1.0
@@ -130,5 +135,15 @@ def test_idr_discriminability_and_tables_are_logged_to_mlflow(parity_checkpoint,
             "evaluation/idr_projection.png"} <= names
     local_png = client.download_artifacts(result.run_id, "evaluation/idr_projection.png", str(tmp_path))
     with Image.open(local_png) as plot:
-        assert plot.format == "PNG" and plot.size[0] > 2 * plot.size[1] * 0.9  # two panels side by side
-    assert (tmp_path / "out" / "table.md").read_text() == result.tables.markdown
+        assert plot.format == "PNG" and plot.size[0] > 1.8 * plot.size[1]  # teacher and student panels
+    assert (folder / "out" / "table.md").read_text() == result.tables.markdown
+
+
+def test_evaluate_command_names_a_missing_model_and_writes_nothing(tmp_path, capsys):
+    from workflows.evaluate import main
+
+    code = main(["--model", str(tmp_path / "missing.pt"), "--local", "--no-mlflow", "--out", str(tmp_path / "out"),
+                 "--set", f"storage.root={tmp_path}"])
+    assert code == 1
+    assert f"checkpoint {tmp_path / 'missing.pt'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

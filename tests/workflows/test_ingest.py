@@ -257,7 +257,7 @@ def test_two_train_workers_get_every_tile_once_per_epoch_from_s3(ray_local, s3_s
         train_loop_config={"epochs": 3, "iters": 5, "batch": 3, "out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
         datasets={"train": ds},
-        dataset_config=ingest.training_data_config(cfg),
+        dataset_config=ingest.training_data_config(),
         run_config=RunConfig(name="ingest-split", storage_path=str(tmp_path / "ray")),
     ).fit()
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -300,7 +300,8 @@ def test_eval_shards_hold_exactly_the_protocol_lr(eval_images, protocol_name, ba
     manifest = ingest.write_eval_shards(str(eval_images), protocol_name, str(tmp_path / "eval"), cfg, basis=basis)
     pairs = ingest.read_eval_shards(str(tmp_path / "eval"), cfg)
     assert manifest["rows"] == len(pairs) == 2 * len(protocol.cases)
-    assert {(p.image_key, p.case) for p in pairs} == {(k, c.name) for k in ("a.png", "sub/b.png") for c in protocol.cases}
+    expected = {(key, case.name) for key in ("a.png", "sub/b.png") for case in protocol.cases}
+    assert {(p.image_key, p.case) for p in pairs} == expected
     for pair in pairs:
         original = torch.from_numpy(read_rgb(eval_images / pair.image_key)).permute(2, 0, 1).float() / 255
         case = protocol.case(pair.case)

@@ -19,7 +19,10 @@ from lightbsr.student import Student
 from lightbsr.tiling import upscale
 from tests.fixtures.mlflow_server import free_port
 from workflows.config import load_config
+from workflows.evaluate import build_tables
 from workflows.register import RegistryError, fetch_checkpoint, register_checkpoint
+from workflows.register import main as register_main
+from workflows.upscale import main as upscale_main
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_CONFIG = {"scale": 2, "setting": 1, "n_groups": 1, "n_blocks": 2}
@@ -44,13 +47,17 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+PER_IMAGE_PSNR = {("a.png", "sigma1.2"): 27.0, ("b.png", "sigma1.2"): 28.0, ("a.png", "sigma2.4"): 25.5,
+                  ("b.png", "sigma2.4"): 26.5, ("a.png", "sigma3.6"): 24.0, ("b.png", "sigma3.6"): 23.0}
+
+
 @pytest.fixture(scope="module")
 def eval_table(tmp_path_factory) -> Path:
+    """A table as `lightbsr evaluate` writes it, from known per-image scores."""
+    rows = [{"set": "samples", "image": image, "protocol": "iso_x4", "case": case, "psnr": value, "ssim": 0.5,
+             "bicubic_psnr": value - 3, "bicubic_ssim": 0.4} for (image, case), value in PER_IMAGE_PSNR.items()]
     path = tmp_path_factory.mktemp("table") / "table.csv"
-    path.write_text("method,protocol,case,samples PSNR,samples SSIM\n"
-                    "Bicubic,iso_x4,sigma1.2,24.00,0.7\n"
-                    "LightBSR (ours),iso_x4,sigma1.2,27.00,0.8\n"
-                    "LightBSR (ours),iso_x4,sigma2.4,26.00,0.7\n")
+    path.write_text(build_tables(rows, ["iso_x4"], params=123).csv)
     return path
 
 
@@ -116,7 +123,7 @@ def test_registered_version_carries_tags_alias_signature_and_artifacts(registere
     expected_params = sum(p.numel() for p in small_student().parameters())
     assert mv.tags["scale"] == "2" and mv.tags["setting"] == "1"
     assert mv.tags["parameters"] == str(expected_params)
-    assert mv.tags["psnr.iso_x4.samples"] == "26.50"  # mean of our two cases in the table
+    assert mv.tags["psnr.iso_x4.samples"] == f"{np.mean(list(PER_IMAGE_PSNR.values())):.2f}"  # 25.67
     model_file = fetch_checkpoint(f"models:/{name}@champion", cfg, tmp_path)
     raw = torch.load(model_file, weights_only=True)
     assert raw["format"] == "lightbsr/1" and raw["model_config"]["scale"] == 2
@@ -130,12 +137,19 @@ def test_registered_version_carries_tags_alias_signature_and_artifacts(registere
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ref,named", [("models:/no-such-model@champion", "no-such-model"),
-                                       ("models:/lightbsr-test@no-such-alias", "no-such-alias")])
-def test_missing_model_or_alias_is_named(registered, ref, named, tmp_path):
+@pytest.mark.parametrize("ref,named", [("models:/no-such-model@champion", "no registered model 'no-such-model'"),
+                                       ("models:/lightbsr-test@no-such-alias", "no alias 'no-such-alias'")])
+def test_missing_model_or_alias_is_named_and_nothing_is_written(registered, ref, named, photo, tmp_path, capsys):
     cfg = registered[0]
     with pytest.raises(RegistryError, match=named):
         fetch_checkpoint(ref, cfg, tmp_path)
+    from PIL import Image
+
+    Image.fromarray(photo).save(tmp_path / "in.png")
+    code = upscale_main(["--model", ref, str(tmp_path / "in.png"), str(tmp_path / "out" / "big.png"),
+                         "--set", f"tracking.uri={cfg.tracking_uri}", "--quiet"])
+    assert code == 1 and named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_registry_that_is_down_is_named_quickly_and_leaves_no_output(tmp_path, sample_images):
@@ -150,3 +164,9 @@ def test_registry_that_is_down_is_named_quickly_and_leaves_no_output(tmp_path, s
     assert f"MLflow tracking server {uri} is not reachable" in done.stderr
     assert time.monotonic() - started < 60
     assert list(tmp_path.iterdir()) == []
+
+
+def test_register_with_the_registry_down_names_it(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"
+    assert register_main(["--checkpoint", str(tmp_path / "any.pt"), "--set", f"tracking.uri={uri}"]) == 1
+    assert f"MLflow tracking server {uri} is not reachable" in capsys.readouterr().err

@@ -64,12 +64,14 @@ def test_two_workers_train_in_lockstep_and_share_one_queue(ray_local, tmp_path, 
     assert saved.raw["train_state"]["optimizer"]["state"], "optimiser state is saved for an exact resume"
 
 
-def _train_worker_pid(timeout=120):
+def _train_worker_pid(ray, timeout=120):
+    """PID of the (single) live Ray Train worker of OUR cluster (others may run on this machine)."""
     from ray.util.state import list_actors
 
+    address = ray.get_runtime_context().gcs_address
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        alive = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         if alive and alive[0].pid:
             return alive[0].pid
         time.sleep(0.5)
@@ -100,9 +102,10 @@ def test_killed_worker_resumes_from_its_last_checkpoint_and_mlflow_holds_the_run
     outcome = {}
     run = threading.Thread(target=lambda: outcome.setdefault("result", train_stage(cfg, "student", dataset=dataset)))
     run.start()
-    pid = _train_worker_pid()
+    pid = _train_worker_pid(ray_local)
     killed_after = _wait_for_checkpoint(cfg, "student")
     os.kill(pid, signal.SIGKILL)
+    print(f"\nkilled Ray Train worker pid {pid} after the checkpoint of epoch {killed_after['epoch']}")
     run.join(timeout=400)
     result = outcome["result"]
     assert killed_after["epoch"] < epochs, "the worker must die before the end for this test to mean anything"
@@ -119,7 +122,8 @@ def test_killed_worker_resumes_from_its_last_checkpoint_and_mlflow_holds_the_run
     # the steps run: 1..k before the kill, then restored+1..end: none lost, none repeated beyond the checkpoint
     history = sorted(client.get_metric_history(run_id, "total"), key=lambda m: (m.timestamp, m.step))
     steps = [m.step for m in history]
-    killed_at = steps.index(restored + 1, restored) if steps.count(restored + 1) == 2 else restored
+    # steps run before the kill: up to the second occurrence of restored + 1 (if any step after it ran)
+    killed_at = steps.index(restored + 1, restored + 1) if steps.count(restored + 1) == 2 else restored
     assert steps == list(range(1, killed_at + 1)) + list(range(restored + 1, epochs * iters + 1))
     before = [m.value for m in history[restored - iters : restored]]
     first_after = history[killed_at].value

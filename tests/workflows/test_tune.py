@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -67,14 +68,17 @@ def _sweep_command(tmp_path, sample_images):
             "--set", "train.cpus_per_worker=0.5"]
 
 
-def _finished_trials(trial_root):
-    """Trial folders whose result.json says the trial is done, with their reported epochs."""
-    done = {}
-    for result in trial_root.glob("*/result.json"):
-        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if rows and rows[-1].get("done"):
-            done[result.parent.name] = len(rows)
-    return done
+def _ended_trial_runs(tracking_uri, statuses=("FINISHED", "KILLED")):
+    """MLflow runs of ended sweep trials (finished or stopped early): run id -> (end, val_psnr count)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("lightbsr-tiny") if tracking_uri else None
+    if experiment is None:
+        return {}
+    runs = client.search_runs([experiment.experiment_id])
+    return {run.info.run_id: (run.info.end_time, len(client.get_metric_history(run.info.run_id, "val_psnr")))
+            for run in runs if "sweep.trial" in run.data.tags and run.info.status in statuses}
 
 
 @pytest.mark.slow
@@ -83,28 +87,33 @@ def test_sweep_stops_trials_early_resumes_and_records_the_best(tmp_path, sample_
     env.pop("RAY_ADDRESS")
     command = _sweep_command(tmp_path, sample_images)
     trial_root = tmp_path / "store" / "tune" / "lightbsr-tiny-sweep"
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
 
     # First run: interrupted (Ctrl-C) once at least one trial has finished.
-    first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(tmp_path / "first.log", "w")  # a file, not a pipe: an unread pipe would block the sweep
+    first = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
-    while first.poll() is None and not _finished_trials(trial_root) and time.monotonic() < deadline:
-        time.sleep(2)
-    before = _finished_trials(trial_root)
+    before = {}
+    while first.poll() is None and not before and time.monotonic() < deadline:
+        time.sleep(3)
+        before = _ended_trial_runs(uri, ("FINISHED",)) if (tmp_path / "store" / "mlflow.db").exists() else {}
     assert before, "no trial finished before the interruption"
     first.send_signal(signal.SIGINT)
     try:
-        out_first, _ = first.communicate(timeout=120)
+        first.wait(timeout=120)
     except subprocess.TimeoutExpired:
         first.kill()
-        out_first, _ = first.communicate()
+        first.wait()
+    log.close()
+    out_first = (tmp_path / "first.log").read_text()
 
-    # Second run: the same command resumes; finished trials keep their results (not rerun).
+    # Second run: the same command resumes; finished trials keep their runs untouched (not rerun).
     second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, (out_first[-2000:], second.stdout[-4000:], second.stderr[-4000:])
     assert "resuming sweep" in second.stdout
-    after = _finished_trials(trial_root)
-    for trial, epochs in before.items():
-        assert after[trial] == epochs, f"finished trial {trial} was rerun"
+    after = _ended_trial_runs(uri)
+    for run_id, finished in before.items():
+        assert after[run_id] == finished, f"finished trial run {run_id} was rerun"
     assert len(after) == 4
 
     best_config = trial_root / "best_config.yaml"
@@ -114,7 +123,6 @@ def test_sweep_stops_trials_early_resumes_and_records_the_best(tmp_path, sample_
 
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     parents = client.search_runs([client.get_experiment_by_name("lightbsr-tiny").experiment_id],
                                  filter_string="tags.`sweep.name` = 'lightbsr-tiny-sweep'")
@@ -125,7 +133,6 @@ def test_sweep_stops_trials_early_resumes_and_records_the_best(tmp_path, sample_
     assert {"best_config.yaml", "trials.md", "trials.png"} <= artifacts
     children = _mlflow_children(uri, parent.info.run_id)
     assert len({c.data.tags.get("sweep.trial") for c in children}) == 4
-    rows = json.loads(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path)) and
-                      (tmp_path / "trials.json").read_text())
+    rows = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))).read_text())
     assert any(row["stopped_early"] for row in rows), rows
     assert max(row["val_psnr"] for row in rows) == pytest.approx(parent.data.metrics["best_val_psnr"])

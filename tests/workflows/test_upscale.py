@@ -115,3 +115,30 @@ def test_missing_or_wrong_model_is_named(tmp_path, photo, capsys):
         assert main(["--model", model, str(tmp_path / "in.png"), str(tmp_path / "out.png"), "--quiet"]) == 1
         assert words in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.slow
+def test_folder_url_in_and_out_of_s3_with_the_model_on_s3(s3_server, model_path, photo, tmp_path):
+    client = s3_server.client()
+    client.put_object(Bucket=s3_server.bucket, Key="up/models/student.pt", Body=Path(model_path).read_bytes())
+    client.put_object(Bucket=s3_server.bucket, Key="up/in/a.png", Body=encode(photo, "PNG"))
+    client.put_object(Bucket=s3_server.bucket, Key="up/in/b.webp", Body=encode(photo[::-1], "WEBP"))
+    base = f"s3://{s3_server.bucket}/up"
+    client.put_object(Bucket=s3_server.bucket, Key="up/ckpt_folder/model.pt", Body=Path(model_path).read_bytes())
+    with s3_server.environment():
+        assert main(["--model", f"{base}/models/student.pt", f"{base}/in", f"{base}/out", "--quiet"]) == 0
+        assert main(["--model", f"{base}/ckpt_folder", f"{base}/in/a.png", str(tmp_path / "f.png"), "--quiet"]) == 0
+        assert main(["--model", model_path, f"{base}/in/a.png", str(tmp_path / "a.png"), "--quiet"]) == 0
+    listed = client.list_objects_v2(Bucket=s3_server.bucket, Prefix="up/out/")
+    assert sorted(o["Key"] for o in listed["Contents"]) == ["up/out/a.png", "up/out/b.webp"]
+    body = client.get_object(Bucket=s3_server.bucket, Key="up/out/b.webp")["Body"].read()
+    expected = upscale(student(), torch.from_numpy(np.ascontiguousarray(photo[::-1]))).numpy()
+    assert np.array_equal(read_rgb(body, "b.webp"), expected)
+    assert np.array_equal(read_rgb(tmp_path / "a.png"), upscale(student(), torch.from_numpy(photo)).numpy())
+    assert np.array_equal(read_rgb(tmp_path / "f.png"), read_rgb(tmp_path / "a.png"))  # model from a folder URL
+
+
+def encode(pixels: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buffer.getvalue()

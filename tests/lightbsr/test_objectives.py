@@ -1,0 +1,183 @@
+"""Teacher and student objectives: what each phase computes, the queue, the frozen teacher, and
+what training on the real sample photographs achieves (plain PyTorch, small networks)."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightbsr.degrade import kernel_pca_basis
+from lightbsr.metrics import psnr
+from lightbsr.objectives import StudentObjective, TeacherObjective
+from lightbsr.student import Student
+from lightbsr.teacher import Teacher
+from tests.lightbsr.real_batches import as_float_batch, blind_blur_eval_set, degraded_examples
+
+SCALE = 4
+
+
+def paper_losses(**changes):
+    values = dict(l1_weight=1.0, contrastive_temperature=0.07, contrastive_weight=1.0, kd_temperature=0.15,
+                  channel_kl_weight=1.0, channel_l1_weight=0.1, spatial_weight=1.0, distillation=True)
+    return SimpleNamespace(**{**values, **changes})
+
+
+def small_teacher(queue_size=64, momentum=0.999, seed=0):
+    torch.manual_seed(seed)
+    return Teacher(SCALE, 1, n_groups=1, n_blocks=1, queue_size=queue_size, momentum=momentum)
+
+
+def small_student(teacher):
+    student = Student(SCALE, n_groups=1, n_blocks=1)
+    student.load_from_teacher(teacher)
+    return student
+
+
+@pytest.fixture(scope="module")
+def basis():
+    return kernel_pca_basis(0)
+
+
+@pytest.fixture(scope="module")
+def teacher_batch(sample_images, basis):
+    examples = degraded_examples(sample_images / "train", 4, 4, 8, SCALE, basis, seed=3)
+    return as_float_batch(examples, slice(0, 4))
+
+
+def test_teacher_phase_one_trains_the_representation_only(teacher_batch):
+    objective = TeacherObjective(small_teacher(), paper_losses()).train()
+    terms = objective(*teacher_batch, phase=1)
+    assert set(terms) == {"contrastive", "total"}
+    terms["total"].backward()
+    assert all(p.grad is None for p in objective.model.generator.parameters())
+    assert objective.model.encoder.stages[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_teacher_phase_two_adds_l1_of_view_zero_on_the_255_scale(teacher_batch):
+    teacher = small_teacher()
+    reference = copy.deepcopy(teacher).eval()
+    terms = TeacherObjective(teacher, paper_losses(l1_weight=2.0)).eval()(*teacher_batch, phase=2)
+    lr, hr, prior = teacher_batch
+    with torch.no_grad():
+        expected = (reference(lr[:, 0], prior) * 255 - hr[:, 0] * 255).abs().mean()
+    assert terms["l1"].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert terms["total"].item() == pytest.approx(terms["contrastive"].item() + 2 * expected.item(), rel=1e-4)
+
+
+def test_teacher_enqueues_the_momentum_keys_of_view_zero_only(teacher_batch):
+    teacher = small_teacher(momentum=0.9)
+    with torch.no_grad():  # make the key encoder differ from the query encoder
+        for p in teacher.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    expected_keys = copy.deepcopy(teacher).eval()  # eval: per-item BatchNorm, so one view can be embedded alone
+    expected_keys.momentum_update()  # MoCo: the key encoder moves before it embeds
+    lr, hr, prior = teacher_batch
+    with torch.no_grad():
+        view0 = expected_keys.embed_keys(lr[:, 0], prior)  # (B, 128)
+    TeacherObjective(teacher, paper_losses()).eval()(lr, hr, prior, phase=1)
+    assert int(teacher.queue_ptr) == lr.shape[0]
+    torch.testing.assert_close(teacher.queue[:, : lr.shape[0]].T, view0, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_needs_several_views(teacher_batch):
+    lr, hr, prior = teacher_batch
+    with pytest.raises(ValueError, match="2 views"):
+        TeacherObjective(small_teacher(), paper_losses())(lr[:, :1], hr[:, :1], prior, phase=1)
+
+
+def test_teacher_contrastive_loss_falls_on_real_images(sample_images, basis):
+    torch.manual_seed(0)
+    examples = degraded_examples(sample_images / "train", 128, 4, 8, SCALE, basis, seed=0)
+    objective = TeacherObjective(small_teacher(queue_size=64, momentum=0.99), paper_losses()).train()
+    optimizer = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.99))
+    losses = []
+    for step in range(90):
+        start = (step * 8) % 128
+        terms = objective(*as_float_batch(examples, slice(start, start + 8)), phase=1)
+        optimizer.zero_grad()
+        terms["total"].backward()
+        optimizer.step()
+        losses.append(terms["contrastive"].item())
+    # the queue (64 keys) is full of real keys after 8 steps; the loss rises first, as the spec warns
+    early, late = sum(losses[10:30]) / 20, sum(losses[-20:]) / 20
+    print(f"\ncontrastive loss: steps 10-29 {early:.3f} -> last 20 {late:.3f}")
+    assert late < 0.8 * early
+
+
+def test_student_objective_keeps_the_teacher_frozen(teacher_batch):
+    teacher = small_teacher()
+    before = copy.deepcopy(teacher.state_dict())
+    objective = StudentObjective(small_student(teacher), teacher, paper_losses()).train()
+    assert not objective.teacher.training
+    lr, hr, prior = teacher_batch
+    optimizer = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        terms = objective(lr[:, :1], hr[:, :1], prior, phase=2)
+        optimizer.zero_grad()
+        terms["total"].backward()
+        optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_student_phases_and_the_no_alignment_switch(teacher_batch):
+    lr, hr, prior = (x[:, :1] if x.dim() == 5 else x for x in teacher_batch)
+    teacher = small_teacher()
+    student = small_student(teacher)
+    assert set(StudentObjective(student, teacher, paper_losses())(lr, hr, prior, phase=1)) == {
+        "channel", "spatial", "total"}
+    assert set(StudentObjective(student, teacher, paper_losses())(lr, hr, prior, phase=2)) == {
+        "channel", "spatial", "l1", "total"}
+    plain = StudentObjective(student, None, paper_losses(distillation=False))
+    assert set(plain(lr, hr, prior, phase=2)) == {"l1", "total"}
+    with pytest.raises(ValueError, match="phase 1 without distillation"):
+        plain(lr, hr, prior, phase=1)
+
+
+def test_student_alignment_terms_match_the_teacher_codes(teacher_batch):
+    lr, hr, prior = (x[:, :1] if x.dim() == 5 else x for x in teacher_batch)
+    teacher = small_teacher()
+    student = small_student(teacher)
+    terms = StudentObjective(student, teacher, paper_losses()).eval()(lr, hr, prior, phase=1)
+    with torch.no_grad():
+        _, ca_s, xk_s = student.eval()(lr[:, 0], return_codes=True)
+        _, ca_t, xk_t = teacher.eval()(lr[:, 0], prior, return_codes=True)
+    kl = F.kl_div(F.log_softmax(ca_s / 0.15, 1), F.softmax(ca_t / 0.15, 1), reduction="batchmean")
+    assert terms["channel"].item() == pytest.approx((kl + 0.1 * (ca_s - ca_t).abs().mean()).item(), rel=1e-4)
+    assert terms["spatial"].item() == pytest.approx(((xk_s - xk_t) ** 2).mean().item(), rel=1e-4)
+
+
+def _train_student(examples, distillation, steps, seed=0):
+    torch.manual_seed(seed)
+    teacher = small_teacher(seed=seed)
+    objective = StudentObjective(small_student(teacher), teacher if distillation else None,
+                                 paper_losses(distillation=distillation)).train()
+    optimizer = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=2e-3, betas=(0.9, 0.99))
+    n = len(examples["lr"])
+    for step in range(steps):
+        start = (step * 8) % n
+        terms = objective(*as_float_batch(examples, slice(start, start + 8)), phase=2)
+        optimizer.zero_grad()
+        terms["total"].backward()
+        optimizer.step()
+    return objective.model.eval()
+
+
+def test_trained_student_beats_bicubic_on_held_out_images_under_blind_blur(sample_images, basis):
+    torch.set_num_threads(2)
+    examples = degraded_examples(sample_images / "train", 512, 1, 12, SCALE, basis, seed=1)
+    lr, hr = blind_blur_eval_set(sample_images / "eval", SCALE, hr_side=128)  # sigma ~ U[0.2, 4] per image
+    bicubic = psnr(F.interpolate(lr, scale_factor=SCALE, mode="bicubic", align_corners=False).clamp(0, 1), hr, SCALE)
+    scores = {}
+    for distillation in (True, False):
+        student = _train_student(examples, distillation, STUDENT_STEPS)
+        with torch.no_grad():
+            scores[distillation] = psnr(student(lr).clamp(0, 1), hr, SCALE)
+    distilled, unaligned = scores[True], scores[False]
+    print(f"\nY-PSNR on {len(hr)} held-out images, {STUDENT_STEPS} steps: bicubic {bicubic.mean():.2f} dB, "
+          f"student with distillation {distilled.mean():.2f} dB, without alignment {unaligned.mean():.2f} dB")
+    assert distilled.mean() > bicubic.mean()
+
+
+STUDENT_STEPS = 400
