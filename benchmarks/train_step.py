@@ -4,11 +4,11 @@ Both loops train the same student objective (same network, batch, patch and in-m
 examples cut from the real sample photographs) for the same epochs. The Ray figure is the
 loop's own per-epoch `samples_per_s` (data from an in-memory Ray Dataset through
 `iter_torch_batches`, optimiser step, loss bookkeeping; start-up, validation and checkpoint
-upload are outside the epoch timer, as are the plain loop's); the first epoch of each is a
-warm-up and is dropped. The plain loop runs before and after the Ray run (mean of both), so
+upload are outside the epoch timer, as are the plain loop's); the first epoch of each pass is
+a warm-up and is dropped, and the median of the others is compared. The plain loop runs before and after the Ray run (mean of both), so
 a drift of the machine's load during the run affects both sides. Goal: ratio >= 0.95.
 
-    python benchmarks/train_step.py [--epochs 4 --iters 12 --batch 8 --patch 16 --groups 2 --blocks 2]
+    python benchmarks/train_step.py [--epochs 5 --iters 12 --batch 8 --patch 16 --groups 2 --blocks 2 --threads 1]
 """
 
 from __future__ import annotations
@@ -39,13 +39,14 @@ RESULTS = REPO / "benchmarks" / "results"
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--iters", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--patch", type=int, default=16)
     parser.add_argument("--groups", type=int, default=2)
     parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in both loops (= CPUs per Ray worker)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in both loops (= CPUs per Ray worker); 1 is steady on a shared machine")
     parser.add_argument("--images", default=str(Path.home() / ".cache/lightbsr/samples"))
     return parser.parse_args(argv)
 
@@ -88,12 +89,15 @@ def ray_loop(cfg, examples, log: Path) -> list[float]:
 
         def after_report(self, run_context, metrics, checkpoint):
             with open(log, "a") as handle:
-                handle.write(f"{metrics[0]['samples_per_s']}\n")
+                handle.write(f"{metrics[0]['samples_per_s']} {metrics[0]['data_wait_s'] / metrics[0]['epoch_time_s']}\n")
 
     init_ray(cfg.ray)
     rows = [{k: v[i] for k, v in examples.items()} for i in range(len(examples["lr"]))]
+    # one pass covers the whole run, as the shard stream does (no dataset restart inside an epoch)
+    total = cfg.schedule.epochs * cfg.schedule.iters_per_epoch * cfg.train.batch_size
+    rows = rows * -(-total // len(rows))
     train_stage(cfg, "student", dataset=ray.data.from_items(rows), tracking=False, callbacks=[EpochRates()])
-    return [float(line) for line in log.read_text().split()]
+    return [tuple(float(x) for x in line.split()) for line in log.read_text().splitlines()]
 
 
 def main(argv=None) -> dict:
@@ -118,24 +122,27 @@ def main(argv=None) -> dict:
                                      kernel_pca_basis(0), seed=0)
         # plain before and after Ray: a machine whose load drifts during the run affects both sides
         plain = plain_loop(cfg, teacher, examples, args.epochs)
-        ray_rates = ray_loop(cfg, examples, Path(root, "ray_rates.txt"))
+        ray_epochs = ray_loop(cfg, examples, Path(root, "ray_rates.txt"))
+        ray_rates = [rate for rate, _ in ray_epochs]
         plain += plain_loop(cfg, teacher, examples, args.epochs)
-    plain_sps = statistics.mean(plain[1 : args.epochs] + plain[args.epochs + 1 :])
-    ray_sps = statistics.mean(ray_rates[1:])
+    plain_sps = statistics.median(plain[1 : args.epochs] + plain[args.epochs + 1 :])
+    ray_sps = statistics.median(ray_rates[1:])
     row = {"benchmark": "train_step", "model": f"student {args.groups}x{args.blocks}", "batch": args.batch,
-           "patch": args.patch, "threads": args.threads, "epochs_timed": args.epochs - 1, "iters": args.iters,
+           "patch": args.patch, "threads": args.threads, "epochs_timed": args.epochs - 1, "iters": args.iters, "statistic": "median",
            "plain_samples_per_s": round(plain_sps, 2), "ray_samples_per_s": round(ray_sps, 2),
            "ratio": round(ray_sps / plain_sps, 3), "plain_epochs": [round(x, 2) for x in plain],
-           "ray_epochs": [round(x, 2) for x in ray_rates]}
+           "ray_epochs": [round(x, 2) for x in ray_rates],
+           "ray_data_wait_fraction": [round(w, 3) for _, w in ray_epochs]}
     print(json.dumps(row))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_step.json").write_text(json.dumps(row) + "\n")
     (RESULTS / "train_step.md").write_text(
-        "| loop | samples/s (mean of timed epochs) |\n| --- | --- |\n"
+        "| loop | samples/s (median of timed epochs) |\n| --- | --- |\n"
         f"| plain PyTorch | {plain_sps:.2f} |\n| Ray Train (1 worker) | {ray_sps:.2f} |\n"
         f"| **ratio Ray / plain** | **{ray_sps / plain_sps:.3f}** (goal >= 0.95) |\n\n"
         f"{row['model']}, batch {args.batch}, LR patch {args.patch}, {args.threads} threads, "
-        f"{args.epochs - 1} timed epochs x {args.iters} iterations, CPU, one run of `python benchmarks/train_step.py`.\n")
+        f"{args.epochs - 1} timed epochs x {args.iters} iterations, CPU, one run of "
+        f"`python benchmarks/train_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`.\n")
     return row
 
 

@@ -29,7 +29,7 @@ class ReferenceCheckpointError(ValueError):
     """The checkpoint does not fit the requested model; the message names the offending keys."""
 
 
-def generator_rules(n_blocks: int) -> list[tuple[str, str]]:
+def generator_rules(n_groups: int, n_blocks: int) -> list[tuple[str, str]]:
     """(our key regex, their key template) for one generator, keys relative to G."""
     return [
         (r"(sub_mean|add_mean)\.(\w+)", r"\1.\2"),
@@ -47,7 +47,7 @@ def generator_rules(n_blocks: int) -> list[tuple[str, str]]:
         (r"groups\.(\d+)\.convnext\.ffn\.(\w+)", rf"body.\1.body.{n_blocks}.\2"),
         (r"groups\.(\d+)\.convnext\.ffn\.(\w+)\.(\w+)", rf"body.\1.body.{n_blocks}.\2.\3"),
         (r"groups\.(\d+)\.fuse\.(\w+)", rf"body.\1.body.{n_blocks + 1}.\2"),
-        (r"body_conv\.(\w+)", "body.{n_groups}.\\1"),
+        (r"body_conv\.(\w+)", rf"body.{n_groups}.\1"),
         (r"upsample\.(\d+)\.(\w+)", r"tail.0.\1.\2"),
         (r"to_rgb\.(\w+)", r"tail.1.\1"),
     ]
@@ -69,8 +69,7 @@ def prefixed(rules: list[tuple[str, str]], ours: str, theirs: str) -> list[tuple
 def model_rules(model: Student | Teacher) -> list[tuple[str, str]]:
     """The whole translation table for a student or a teacher."""
     generator = model.generator
-    rules = prefixed(generator_rules(generator.n_blocks), "generator.", "G.")
-    rules = [(p, t.replace("{n_groups}", str(generator.n_groups))) for p, t in rules]
+    rules = prefixed(generator_rules(generator.n_groups, generator.n_blocks), "generator.", "G.")
     if isinstance(model, Teacher):
         rules += prefixed(encoder_rules(), "encoder.", "E.encoder_q.")
         rules += prefixed(head_rules(), "head.", "E.encoder_q.")

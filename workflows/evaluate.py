@@ -31,7 +31,7 @@ from lightbsr.metrics import psnr, ssim
 from lightbsr.protocols import DegradationCase, get_protocol
 from lightbsr.tiling import upscale_tiled
 from workflows import storage
-from workflows.config import Config, load_config
+from workflows.config import Config, load_config, add_config_arguments
 from workflows.register import OURS, RegistryError, fetch_checkpoint
 
 __all__ = [
@@ -492,15 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local", action="store_true", help="score in this process instead of Ray Data")
     parser.add_argument("--no-idr", action="store_true", help="skip the IDR discriminability probe")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    parser.add_argument("--config", help="YAML config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    add_config_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, args.overrides)
         result = evaluate_model(args.model, cfg, benchmarks=args.benchmarks, local=args.local, teacher_ref=args.teacher,
                                 idr=not args.no_idr, out=args.out or cfg.url("evaluation"), log=not args.no_mlflow)
     except (ImageError, CheckpointError, RegistryError, storage.StorageError, ValueError) as error:

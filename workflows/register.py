@@ -17,20 +17,18 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
-import torch
 import yaml
 
 from lightbsr.checkpoint import CheckpointError, Loaded, load_checkpoint, save_checkpoint
-from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, upscale
-from workflows.config import Config, load_config
+from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from workflows.config import Config, add_config_arguments, load_config
+from workflows.serving import CHECKPOINT_ARTIFACT, LightBSRModel
 
 __all__ = [
     "RegistryError",
-    "LightBSRModel",
     "check_registry",
     "fetch_checkpoint",
     "load_student",
@@ -38,7 +36,6 @@ __all__ = [
     "main",
 ]
 
-CHECKPOINT_ARTIFACT = "checkpoint"
 EVAL_TABLE_ARTIFACT = "evaluation"
 PINNED_PACKAGES = ("torch", "numpy", "Pillow", "mlflow", "PyYAML", "pydantic")
 OURS = "LightBSR (ours)"  # the method name of our lines in `lightbsr evaluate` tables
@@ -48,26 +45,13 @@ class RegistryError(ValueError):
     """A model reference that cannot be resolved: names the registry, the model and the alias."""
 
 
-class LightBSRModel(mlflow.pyfunc.PythonModel):
-    """uint8 (N, H, W, 3) or (H, W, 3) images -> uint8 upscaled images, tiled with shared codes."""
+def serving_code_paths() -> list[str]:
+    """Ship the model code with the model (`lightbsr/` and `workflows/`, whose empty `__init__` means
+    importing `workflows.serving` pulls nothing else), so loading needs torch + mlflow, not this project."""
+    import lightbsr
+    import workflows.serving
 
-    def load_context(self, context) -> None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        loaded = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT], map_location=device)
-        self.student = loaded.model.to(device)
-
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
-        params = params or {}
-        images = np.asarray(model_input)
-        single = images.ndim == 3
-        if single:
-            images = images[None]
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"model input: expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
-        tile, overlap = int(params.get("tile", DEFAULT_TILE)), int(params.get("overlap", DEFAULT_OVERLAP))
-        out = np.stack([upscale(self.student, torch.from_numpy(np.ascontiguousarray(im)), tile, overlap).numpy()
-                        for im in images])  # (N, sH, sW, 3)
-        return out[0] if single else out
+    return [os.path.dirname(lightbsr.__file__), os.path.dirname(workflows.serving.__file__)]
 
 
 def check_registry(uri: str, timeout_s: float = 5.0) -> None:
@@ -218,6 +202,7 @@ def register_checkpoint(
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=LightBSRModel(), artifacts=artifacts, signature=_signature(),
                 input_example=example, pip_requirements=_pinned_requirements(), registered_model_name=name,
+                code_paths=serving_code_paths(),
             )
         version = str(info.registered_model_version)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -231,8 +216,7 @@ def register_checkpoint(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightbsr register", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="our checkpoint (file or folder), an authors' one, s3:// or models:/")
-    parser.add_argument("--config", help="YAML config (tracking URI, experiment, model name)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    add_config_arguments(parser)
     parser.add_argument("--alias", help="alias to point at the new version (default: tracking.alias)")
     parser.add_argument("--eval-table", help="evaluation table (CSV from `lightbsr evaluate`) to ship and tag PSNR from")
     return parser
@@ -241,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, args.overrides)
         name, version = register_checkpoint(args.checkpoint, cfg, args.alias, args.eval_table)
     except (RegistryError, CheckpointError, ValueError) as error:
         print(f"lightbsr register: {error}", file=sys.stderr)

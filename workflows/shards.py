@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError, encode_png, read_rgb
 from workflows import storage
-from workflows.config import Config, ConfigError, load_config
+from workflows.config import Config, ConfigError, load_config, add_config_arguments
 from workflows.storage import StorageError
 
 __all__ = ["SHARD_SCHEMA", "MANIFEST_NAME", "Manifest", "ShardEntry", "ShardsError", "write_shards", "main"]
@@ -316,9 +316,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--src", help="image folder or file (default: data.train_images)")
     parser.add_argument("--dst", help="shard folder (default: data.shards or <storage.root>/shards/train)")
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. storage.s3.endpoint_url=http://127.0.0.1:8333 (repeatable)")
+    add_config_arguments(parser)
     parser.add_argument("--tile-size", type=int, help="HR tile side (data.tile_size)")
     parser.add_argument("--tiles-per-shard", type=int, help="tiles per shard (data.tiles_per_shard)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -17,7 +17,7 @@ import numpy as np
 
 from workflows.config import Config, flatten_config
 
-__all__ = ["RUN_KEY_TAG", "RunLogger", "experiment_id", "open_run", "log_params", "log_model", "client"]
+__all__ = ["RUN_KEY_TAG", "RunLogger", "experiment_id", "find_run", "open_run", "log_params", "log_model", "client"]
 
 RUN_KEY_TAG = "lightbsr.run"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
@@ -50,19 +50,23 @@ def experiment_id(cfg: Config) -> str:
         return mlflow_client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
 
 
-def open_run(cfg: Config, run_key: str, tags: dict[str, str] | None = None) -> tuple[str, bool]:
-    """(run id, resumed): the latest run tagged `run_key` in the experiment, or a new one named so."""
-    mlflow_client = client(cfg)
-    exp = experiment_id(cfg)
-    found = mlflow_client.search_runs(
-        [exp], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", order_by=["attributes.start_time DESC"], max_results=1
+def find_run(cfg: Config, run_key: str):
+    """The latest run tagged `run_key` in the experiment, or None."""
+    found = client(cfg).search_runs(
+        [experiment_id(cfg)], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
     )
+    return found[0] if found else None
+
+
+def open_run(cfg: Config, run_key: str, tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """(run id, resumed): the latest run tagged `run_key` (marked RUNNING again), or a new one named so."""
+    found = find_run(cfg, run_key)
     if found:
-        run_id = found[0].info.run_id
-        if found[0].info.status != "RUNNING":
-            mlflow_client.update_run(run_id, status="RUNNING")
-        return run_id, True
-    run = mlflow_client.create_run(exp, run_name=run_key, tags={RUN_KEY_TAG: run_key, **(tags or {})})
+        if found.info.status != "RUNNING":
+            client(cfg).update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id, True
+    run = client(cfg).create_run(experiment_id(cfg), run_name=run_key, tags={RUN_KEY_TAG: run_key, **(tags or {})})
     return run.info.run_id, False
 
 

@@ -39,7 +39,7 @@ from lightbsr.objectives import StudentObjective, TeacherObjective
 from lightbsr.schedule import learning_rate, phase_of
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
-from workflows.config import Config, ConfigError, load_config
+from workflows.config import Config, ConfigError, load_config, add_config_arguments
 
 __all__ = ["StageResult", "train", "train_stage", "train_loop_per_worker", "latest_checkpoint", "main"]
 
@@ -206,18 +206,20 @@ def train_stage(
     run_name = stage_run_name(cfg, stage)
     teacher_source = load_teacher_source(cfg) if stage == "student" else None
     basis = stage_basis(cfg, teacher_source)
+    done = latest_checkpoint(cfg, run_name)
+    if done and done[1]["epoch"] >= cfg.schedule.epochs:
+        print(f"[train] {run_name}: already complete at epoch {done[1]['epoch']} ({done[0]})")
+        run = mlflow_tracking.find_run(cfg, run_name) if tracking else None
+        if run is not None and run.info.status != "FINISHED":  # finished training, crashed before closing
+            mlflow_tracking.client(cfg).set_terminated(run.info.run_id, status="FINISHED")
+        return StageResult(stage, run_name, done[0], done[1]["epoch"], done[1]["iteration"], done[1],
+                           run.info.run_id if run is not None else None)
+
     run_id = None
     if tracking:
         run_id, resumed = mlflow_tracking.open_run(cfg, run_name, {"lightbsr.stage": stage, **(mlflow_tags or {})})
         if not resumed:
             mlflow_tracking.log_config(cfg, run_id)
-
-    done = latest_checkpoint(cfg, run_name)
-    if done and done[1]["epoch"] >= cfg.schedule.epochs:
-        print(f"[train] {run_name}: already complete at epoch {done[1]['epoch']} ({done[0]})")
-        if run_id:
-            mlflow_tracking.client(cfg).set_terminated(run_id, status="FINISHED")
-        return StageResult(stage, run_name, done[0], done[1]["epoch"], done[1]["iteration"], done[1], run_id)
 
     init_ray(cfg.ray)
     loop_config = {
@@ -234,7 +236,7 @@ def train_stage(
         from workflows.ingest import training_data_config
 
         dataset = ResumableStream(cfg.model_dump(), stage, basis)
-        trainer_kwargs["dataset_config"] = training_data_config(cfg)
+        trainer_kwargs["dataset_config"] = training_data_config()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -590,9 +592,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lightbsr train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config (defaults when omitted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.stage=teacher (repeatable)")
+    add_config_arguments(parser)
     return parser.parse_args(argv)
 
 

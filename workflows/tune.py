@@ -115,7 +115,7 @@ def _tuner(cfg: Config, space: dict[str, SearchParam], parent_run_id: str):
         tune.with_parameters(_run_trial, base=cfg.model_dump(), parent_run_id=parent_run_id), {"cpu": 0.1})
     if tune.Tuner.can_restore(f"{storage}/{name}"):
         print(f"[tune] resuming sweep {name} from {storage}/{name}")
-        return tune.Tuner.restore(f"{storage}/{name}", trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(f"{storage}/{name}", trainable, resume_unfinished=True, restart_errored=True)
     search = OptunaSearch(metric=METRIC, mode=MODE, seed=cfg.tune.seed, points_to_evaluate=[paper_point(cfg, space)])
     # max_t one past the last epoch: a trial that runs to the end returns by itself (and closes its
     # MLflow run) instead of being stopped by the scheduler at its last report.

@@ -22,7 +22,7 @@ from lightbsr.checkpoint import CheckpointError
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError, read_rgb
 from lightbsr.tiling import MIN_SIDE, upscale
 from workflows import storage
-from workflows.config import Config, load_config
+from workflows.config import Config, load_config, add_config_arguments
 from workflows.register import RegistryError, load_student
 
 __all__ = ["Job", "plan_jobs", "encode_image", "upscale_all", "main"]
@@ -113,15 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--tile", type=int, help="LR tile side (default: evaluate.tile)")
     parser.add_argument("--overlap", type=int, help="LR overlap between tiles (default: evaluate.overlap)")
-    parser.add_argument("--config", help="YAML config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    add_config_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = list(args.set)
+    overrides = list(args.overrides)
     overrides += [f"evaluate.tile={args.tile}"] if args.tile else []
     overrides += [f"evaluate.overlap={args.overlap}"] if args.overlap is not None else []
     try:

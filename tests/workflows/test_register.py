@@ -18,6 +18,7 @@ from lightbsr.images import read_rgb
 from lightbsr.student import Student
 from lightbsr.tiling import upscale
 from tests.fixtures.mlflow_server import free_port
+from tests.fixtures.paths import REPO
 from workflows.config import load_config
 from workflows.evaluate import build_tables
 from workflows.register import RegistryError, fetch_checkpoint, register_checkpoint
@@ -85,9 +86,16 @@ def test_pyfunc_pulled_by_alias_in_a_fresh_process_equals_the_direct_output(regi
     np.save(tmp_path / "in.npy", photo[None])
     code = (
         "import mlflow.pyfunc, numpy as np, sys\n"
+        # Hide this project (its editable-install finder and the repo on sys.path): the model must
+        # bring its own code (code_paths), as it would for a user who only has torch + mlflow.
+        "sys.meta_path = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        f"sys.path = [p for p in sys.path if p and p.rstrip('/') != {str(REPO)!r}]\n"
+        "try:\n    import lightbsr\n    sys.exit('lightbsr importable before loading the model')\n"
+        "except ImportError:\n    pass\n"
         f"model = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
         f"out = model.predict(np.load({str(tmp_path / 'in.npy')!r}))\n"
         f"np.save({str(tmp_path / 'out.npy')!r}, out)\n"
+        f"import lightbsr; assert not lightbsr.__file__.startswith({str(REPO / 'lightbsr')!r}), lightbsr.__file__\n"
     )
     done = fresh_python(code, cfg.tracking_uri)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -77,7 +77,7 @@ def _ended_trial_runs(tracking_uri, statuses=("FINISHED", "KILLED")):
     if experiment is None:
         return {}
     runs = client.search_runs([experiment.experiment_id])
-    return {run.info.run_id: (run.info.end_time, len(client.get_metric_history(run.info.run_id, "val_psnr")))
+    return {run.info.run_id: (run.info.end_time, len(client.get_metric_history(run.info.run_id, "epoch/val_psnr")))
             for run in runs if "sweep.trial" in run.data.tags and run.info.status in statuses}
 
 
