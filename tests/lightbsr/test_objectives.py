@@ -165,7 +165,6 @@ def _train_student(examples, distillation, steps, seed=0):
 
 
 def test_trained_student_beats_bicubic_on_held_out_images_under_blind_blur(sample_images, basis):
-    torch.set_num_threads(2)
     examples = degraded_examples(sample_images / "train", 512, 1, 12, SCALE, basis, seed=1)
     lr, hr = blind_blur_eval_set(sample_images / "eval", SCALE, hr_side=128)  # sigma ~ U[0.2, 4] per image
     bicubic = psnr(F.interpolate(lr, scale_factor=SCALE, mode="bicubic", align_corners=False).clamp(0, 1), hr, SCALE)
