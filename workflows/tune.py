@@ -146,16 +146,18 @@ def _parent_run(cfg: Config) -> str:
     return run_id
 
 
-def _close_stopped_trial_runs(cfg: Config, parent_run_id: str) -> None:
-    """Trials stopped by ASHA never return, so their MLflow runs are closed here as KILLED."""
+def _close_stopped_trial_runs(cfg: Config, parent_run_id: str, rows: list[dict[str, Any]]) -> None:
+    """ASHA stops a trial by interrupting its training, so its MLflow run is left RUNNING or FAILED;
+    mark the runs of stopped trials KILLED, and close any run still open once the sweep is over."""
     from workflows import tracking
 
     client = tracking.client(cfg)
-    open_runs = client.search_runs(
-        [tracking.experiment_id(cfg)],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'")
-    for run in open_runs:
-        client.set_terminated(run.info.run_id, status="KILLED")
+    stopped = {row["trial"] for row in rows if row["stopped_early"]}
+    children = client.search_runs([tracking.experiment_id(cfg)],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    for run in children:
+        if run.info.status == "RUNNING" or run.data.tags.get("sweep.trial") in stopped:
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def trials_table(results, space: dict[str, SearchParam], max_epochs: int) -> list[dict[str, Any]]:
@@ -233,8 +235,8 @@ def run_sweep(cfg: Config) -> SweepResult:
     write_shards(cfg.data.train_images, cfg.shards_url, cfg)  # no-op when the shards are complete
     parent_run_id = _parent_run(cfg)
     results = _tuner(cfg, space, parent_run_id).fit()
-    _close_stopped_trial_runs(cfg, parent_run_id)
     rows = trials_table(results, space, cfg.schedule.epochs)
+    _close_stopped_trial_runs(cfg, parent_run_id, rows)
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
     best_params = {k: float(best.config[k]) for k in space}
     best_cfg = trial_config(cfg.model_dump(), best_params, cfg.train.run_name)

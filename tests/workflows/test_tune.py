@@ -62,9 +62,12 @@ def _sweep_command(tmp_path, sample_images):
             "--set", f"storage.root={tmp_path / 'store'}",
             "--set", f"data.train_images={sample_images / 'train'}",
             "--set", f"data.eval_images={sample_images / 'eval'}",
-            "--set", "tune.stage=teacher", "--set", "tune.num_samples=4", "--set", "tune.max_concurrent=2",
+            "--set", f"tracking.uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
+            # One trial at a time and L1 from the first epoch: ASHA then compares every trial with
+            # the finished ones at each rung, so early stops do not depend on which trial reports first.
+            "--set", "tune.stage=teacher", "--set", "tune.num_samples=4", "--set", "tune.max_concurrent=1",
             "--set", "tune.grace_period=1", "--set", "tune.reduction_factor=2",
-            "--set", "schedule.epochs=4", "--set", "schedule.phase1_epochs=1", "--set", "schedule.warmup_epochs=0",
+            "--set", "schedule.epochs=4", "--set", "schedule.phase1_epochs=0", "--set", "schedule.warmup_epochs=0",
             "--set", "train.cpus_per_worker=0.5"]
 
 
