@@ -30,7 +30,11 @@ def ray_head():
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
          f"--object-store-memory={384 * 2**20}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-         f"--ray-client-server-port={free_port()}"],
+         f"--ray-client-server-port={free_port()}",
+         # Ports of our own, so this cluster's agents never collide with another Ray on the machine
+         # (the test session's own local Ray holds the defaults).
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
