@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"lightbsr: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    from workflows.runtime import set_quiet_env
+
+    set_quiet_env()
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 
