@@ -25,7 +25,6 @@ from workflows.register import RegistryError, fetch_checkpoint, register_checkpo
 from workflows.register import main as register_main
 from workflows.upscale import main as upscale_main
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL_CONFIG = {"scale": 2, "setting": 1, "n_groups": 1, "n_blocks": 2}
 
 
