@@ -37,6 +37,7 @@ __all__ = [
     "DegradationSampler",
     "anisotropic_gaussian_kernel",
     "bicubic_downsample",
+    "bicubic_upsample",
     "blur",
     "degrade",
     "isotropic_gaussian_kernel",
@@ -216,6 +217,25 @@ def bicubic_downsample(x: torch.Tensor, scale: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- blur + pipeline
+
+
+def _upsample_matrix(in_size: int, scale: int) -> torch.Tensor:
+    """(in_size*scale, in_size) float64 MATLAB imresize(scale, 'bicubic') weights, edge taps clamped."""
+    out = torch.arange(1, in_size * scale + 1, dtype=torch.float64)
+    centre = out / scale + 0.5 * (1 - 1 / scale)  # 1-based input coordinate of each output pixel
+    index = torch.floor(centre - 2).unsqueeze(1) + torch.arange(6, dtype=torch.float64)  # (out, 6) taps
+    weight = _cubic(centre.unsqueeze(1) - index)
+    weight = weight / weight.sum(dim=1, keepdim=True)
+    matrix = torch.zeros(in_size * scale, in_size, dtype=torch.float64)
+    matrix.scatter_add_(1, (index.clamp(1, in_size) - 1).long(), weight)
+    return matrix
+
+
+def bicubic_upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, h*s, w*s) bicubic upscaling (the baseline row of evaluation tables)."""
+    rows = _upsample_matrix(lr.shape[-2], scale).to(device=lr.device, dtype=lr.dtype)
+    cols = _upsample_matrix(lr.shape[-1], scale).to(device=lr.device, dtype=lr.dtype)
+    return rows @ lr @ cols.T
 
 
 def _rank_one_factors(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

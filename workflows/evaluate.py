@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lightbsr.checkpoint import CheckpointError, load_checkpoint
-from lightbsr.degrade import degrade, kernel_pca_basis
+from lightbsr.degrade import bicubic_upsample, degrade, kernel_pca_basis
 from lightbsr.images import ImageError, find_benchmarks, list_images, read_rgb
 from lightbsr.metrics import psnr, ssim
 from lightbsr.protocols import DegradationCase, get_protocol
@@ -40,7 +40,6 @@ __all__ = [
     "PUBLISHED",
     "Evaluation",
     "Scorer",
-    "bicubic_upsample",
     "collect_items",
     "score_local",
     "score_with_ray",
@@ -75,26 +74,6 @@ PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
 
 
 # ----------------------------------------------------------------------------- bicubic baseline
-
-
-def _upsample_matrix(in_size: int, scale: int) -> torch.Tensor:
-    """(in_size*scale, in_size) float64 MATLAB imresize(scale, 'bicubic') weights (a = -0.5), edge taps clamped."""
-    out = torch.arange(1, in_size * scale + 1, dtype=torch.float64)
-    centre = out / scale + 0.5 * (1 - 1 / scale)  # 1-based input coordinate of each output pixel
-    index = torch.floor(centre - 2).unsqueeze(1) + torch.arange(6, dtype=torch.float64)  # (out, 6) taps
-    x = (centre.unsqueeze(1) - index).abs()
-    weight = ((1.5 * x**3 - 2.5 * x**2 + 1) * (x <= 1) + (-0.5 * x**3 + 2.5 * x**2 - 4 * x + 2) * ((x > 1) & (x <= 2)))
-    weight = weight / weight.sum(dim=1, keepdim=True)
-    matrix = torch.zeros(in_size * scale, in_size, dtype=torch.float64)
-    matrix.scatter_add_(1, (index.clamp(1, in_size) - 1).long(), weight)
-    return matrix
-
-
-def bicubic_upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
-    """(B, C, h, w) -> (B, C, h*s, w*s): the bicubic baseline row of the tables."""
-    rows = _upsample_matrix(lr.shape[-2], scale).to(lr.dtype)
-    cols = _upsample_matrix(lr.shape[-1], scale).to(lr.dtype)
-    return rows @ lr @ cols.T
 
 
 # ----------------------------------------------------------------------------- scoring

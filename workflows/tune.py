@@ -11,7 +11,7 @@ finished trials are not rerun.
 from __future__ import annotations
 
 import argparse
-import io
+import copy
 import json
 import math
 import sys
@@ -76,7 +76,7 @@ def paper_point(cfg: Config, space: dict[str, SearchParam]) -> dict[str, float]:
 
 
 def trial_config(base: dict[str, Any], params: dict[str, float], trial_name: str) -> Config:
-    raw = json.loads(json.dumps(base))
+    raw = copy.deepcopy(base)
     for key, value in params.items():
         section, name = key.split(".", 1)
         raw[section][name] = float(value)
@@ -200,7 +200,7 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict[str, Any]], space: dict[str, SearchParam]) -> bytes:
+def _plot(rows: list[dict[str, Any]], space: dict[str, SearchParam]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,10 +216,7 @@ def _plot(rows: list[dict[str, Any]], space: dict[str, SearchParam]) -> bytes:
         ax.set_ylabel("validation Y-PSNR (dB)")
     fig.suptitle("trials (red: stopped early by ASHA)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
 
 
 def run_sweep(cfg: Config) -> SweepResult:
@@ -248,18 +245,15 @@ def run_sweep(cfg: Config) -> SweepResult:
     client.log_text(parent_run_id, dump_config(best_cfg), "best_config.yaml")
     client.log_text(parent_run_id, _markdown(rows), "trials.md")
     client.log_text(parent_run_id, json.dumps(rows, indent=2, default=str), "trials.json")
-    client.log_image(parent_run_id, _png_array(_plot(rows, space)), "trials.png")
+    import matplotlib.pyplot as plt
+
+    figure = _plot(rows, space)
+    client.log_figure(parent_run_id, figure, "trials.png")
+    plt.close(figure)
     client.set_terminated(parent_run_id)
     print(_markdown(rows))
     print(f"[tune] best {METRIC} {best_value:.3f} dB with {best_params}; config: {best_url}")
     return SweepResult(best_params, best_value, best_url, parent_run_id, rows)
-
-
-def _png_array(png: bytes):
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
 def main(argv: list[str] | None = None) -> int:

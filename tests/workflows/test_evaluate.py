@@ -15,7 +15,8 @@ from lightbsr.images import read_rgb
 from lightbsr.protocols import get_protocol
 from lightbsr.student import Student
 from workflows.config import load_config
-from workflows.evaluate import BICUBIC, OURS, bicubic_upsample, evaluate_model, probe_scores
+from lightbsr.degrade import bicubic_upsample
+from workflows.evaluate import BICUBIC, OURS, evaluate_model, probe_scores
 
 
 def y_psnr(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
