@@ -1,9 +1,11 @@
 """Degraded LR/HR samples per second reaching a training loop: Ray Data stream vs torch DataLoader.
 
 Both pipelines do the same work per sample (`workflows.ingest.make_chunk`: read the shard, decode
-the PNG tile, crop + flip, draw and apply a degradation) on the same number of CPU processes
-(`data.data_cpus` Ray tasks at a time vs `num_workers` DataLoader workers, one torch thread
-each), in the same run, on shards that `lightbsr shards` cut from real photographs.
+the PNG tile, crop + flip, draw and apply a degradation) with the same CPU budget (`data.data_cpus`
+= `--workers` for Ray Data, `num_workers` DataLoader workers, one torch thread per process), in the
+same run, on shards that `lightbsr shards` cut from real photographs. The whole run (this process,
+Ray's own processes and both pipelines' workers) is pinned to `--cpus` cores (default: as many as
+`--workers`), so on a many-core machine neither pipeline borrows cores the other cannot use.
 
 The loop stands in for a GPU step with a sleep (a GPU step leaves the CPUs free):
 * tiny step (1 ms): samples/s delivered = what each pipeline can produce -> ratio ray / torch;
@@ -11,7 +13,7 @@ The loop stands in for a GPU step with a sleep (a GPU step leaves the CPUs free)
   the fraction of the loop's time spent waiting for the next batch (stalls, jitter, start-up
   excluded by the warm-up batches).
 
-    python benchmarks/ingest.py [--cases teacher:1,student:2] [--batch 16] [--workers 2]
+    python benchmarks/ingest.py [--cases teacher:1,student:2] [--batch 16] [--workers 2] [--cpus 2]
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="Ray Data CPUs = DataLoader workers")
     parser.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--cpus", type=int, default=None,
+                        help="cores the whole run is pinned to (default: --workers, at most the machine's)")
     parser.add_argument("--images", default=None, help="HR image folder (default: the sample photographs)")
     parser.add_argument("--machine", default=None, help="how to describe the machine in the results")
     parser.add_argument("--object-store-mb", type=int, default=RayConfig().object_store_mb)
@@ -182,9 +186,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def describe_machine() -> str:
+def pin_cpus(count: int) -> int:
+    """Pin this process (and so every process it starts, Ray's included) to its first `count` cores."""
+    cores = sorted(os.sched_getaffinity(0))[:max(1, count)]
+    os.sched_setaffinity(0, cores)
+    return len(cores)
+
+
+def describe_machine(pinned: int) -> str:
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at start){gpu}"
+    return (f"{pinned} of {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at start){gpu}")
 
 
 def bench_case(stage: str, setting: int, args: argparse.Namespace, images: str, machine: str) -> dict:
@@ -211,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         cache = Path(os.environ.get("LIGHTBSR_SAMPLES_CACHE", "~/.cache/lightbsr/samples")).expanduser()
         extract_samples(cache)
         images = str(cache / "train")
-    machine = args.machine or describe_machine()
+    pinned = pin_cpus(args.cpus or args.workers)
+    machine = args.machine or describe_machine(pinned)
     init_ray(RayConfig(num_cpus=max(4, 2 * args.workers), object_store_mb=args.object_store_mb))
     results = []
     for case in args.cases.split(","):

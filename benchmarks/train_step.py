@@ -96,7 +96,9 @@ def ray_loop(cfg, examples, log: Path) -> list[float]:
     # one pass covers the whole run, as the shard stream does (no dataset restart inside an epoch)
     total = cfg.schedule.epochs * cfg.schedule.iters_per_epoch * cfg.train.batch_size
     rows = rows * -(-total // len(rows))
-    train_stage(cfg, "student", dataset=ray.data.from_items(rows), tracking=False, callbacks=[EpochRates()])
+    # one batch per block, the layout the shard stream produces (a chunk is a divisor of the batch)
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows) // cfg.train.batch_size)
+    train_stage(cfg, "student", dataset=dataset, tracking=False, callbacks=[EpochRates()])
     return [tuple(float(x) for x in line.split()) for line in log.read_text().splitlines()]
 
 

@@ -67,6 +67,8 @@ SHARD_WINDOW = 4
 MAX_CHUNK_ROWS = 16
 #: tiles of recently read shards kept per Ray worker process (a window's shards are reused).
 SHARD_CACHE_SIZE = 2 * SHARD_WINDOW
+#: decode + degrade tasks in flight per CPU of `data.data_cpus` (see `_task_pool`).
+TASKS_PER_DATA_CPU = 2
 #: domain tags, so the noise generator never shares a stream with a sample's generator.
 _SAMPLE_TAG, _NOISE_TAG, _PASS_TAG = 0, 1, 2
 EVAL_ROWS_PER_SHARD = 64
@@ -329,12 +331,17 @@ def _execution_options():
 
 
 def _task_pool(cfg: Config) -> dict:
-    """map_batches arguments that run at most `data.data_cpus` CPUs of decode + degrade tasks."""
+    """map_batches arguments: TASKS_PER_DATA_CPU decode + degrade tasks per CPU of `data.data_cpus`.
+
+    Each task reserves 1 / TASKS_PER_DATA_CPU of a CPU, so the pool as a whole reserves exactly
+    `data.data_cpus`. Two tasks per CPU keep each CPU busy across the gaps between one task and
+    the next (Ray Data notices finished tasks on a 100 ms tick; a task also waits on its shard
+    reads): with one task per CPU a 2-CPU pool kept about one CPU busy (`benchmarks/ingest.py`).
+    """
     from ray.data import TaskPoolStrategy
 
-    cpus_per_task = min(1.0, cfg.data.data_cpus)
-    tasks = max(1, int(cfg.data.data_cpus / cpus_per_task))
-    return {"num_cpus": cpus_per_task, "compute": TaskPoolStrategy(size=tasks)}
+    tasks = max(1, round(cfg.data.data_cpus * TASKS_PER_DATA_CPU))
+    return {"num_cpus": cfg.data.data_cpus / tasks, "compute": TaskPoolStrategy(size=tasks)}
 
 
 def training_dataset(

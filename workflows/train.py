@@ -353,6 +353,37 @@ class Precision:
     def autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backward and optimiser step, through the loss scaler only when fp16 needs one."""
+        if not self.scaler.is_enabled():
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def _training_collate(float_pixels: bool):
+    """Ray Data collate for the loop: the (lr, hr, prior) columns as tensors.
+
+    It runs in the iterator's prefetch thread. On CPU it also turns the uint8 pixels into
+    floats in [0, 1] there, off the training thread; on a GPU the pixels travel as uint8
+    (a quarter of the bytes) and become floats on the device.
+    """
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class TrainingCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            if float_pixels:
+                out = {key: torch.from_numpy(batch[key].astype(np.float32)).div_(255) for key in ("lr", "hr")}
+            else:
+                out = {key: torch.from_numpy(np.array(batch[key], copy=True)) for key in ("lr", "hr")}
+            out["prior"] = torch.from_numpy(np.asarray(batch["prior"], dtype=np.float32).copy())
+            return out
+
+    return TrainingCollate()
+
 
 class BatchStream:
     """Float (lr, hr, prior) batches on the device from a Ray Data iterator, timing the waits.
@@ -366,7 +397,11 @@ class BatchStream:
         self.wait_s = 0.0
 
     def _batches(self) -> Iterator:
-        return iter(self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True, prefetch_batches=2))
+        return iter(self.shard.iter_torch_batches(
+            batch_size=self.batch_size, drop_last=True, prefetch_batches=2, device=self.device,
+            collate_fn=_training_collate(float_pixels=self.device.type == "cpu"),
+            pin_memory=self.device.type == "cuda",
+        ))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
@@ -377,11 +412,13 @@ class BatchStream:
         except StopIteration:
             self.iterator = self._batches()
             batch = next(self.iterator)
-        lr = batch["lr"].to(self.device, non_blocking=True).float().div_(255)  # (B, V, 3, p, p)
-        hr = batch["hr"].to(self.device, non_blocking=True).float().div_(255)  # (B, V, 3, ps, ps)
-        prior = batch["prior"].to(self.device, non_blocking=True).float()  # (B, P)
+        lr, hr = (_as_float_pixels(batch[key]) for key in ("lr", "hr"))  # (B, V, 3, p, p), (B, V, 3, ps, ps)
         self.wait_s += time.perf_counter() - start
-        return lr, hr, prior
+        return lr, hr, batch["prior"]  # prior (B, P)
+
+
+def _as_float_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float().div_(255) if pixels.dtype == torch.uint8 else pixels
 
 
 def validation_set(cfg: Config, basis: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor] | None:
@@ -556,9 +593,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             with precision.autocast(ctx.device):
                 terms = wrapped(lr_images, hr_images, prior, phase)
             optimizer.zero_grad(set_to_none=True)
-            precision.scaler.scale(terms["total"]).backward()
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
+            precision.backward_and_step(terms["total"], optimizer)
             iteration += 1
             window_steps += 1
             for name, value in terms.items():
