@@ -49,7 +49,7 @@ MAX_DRAIN_BATCHES = 150
 
 
 class ChunkDataset(Dataset):
-    """Chunk i of the run, made in a DataLoader worker exactly as a Ray task makes it."""
+    """Chunk i of the run, made in a DataLoader worker exactly as a Ray Data chunk maker makes it."""
 
     def __init__(self, spec: ingest.SampleSpec, chunks: int):
         self.spec, self.chunks = spec, chunks

@@ -5,15 +5,15 @@ Training stream. Sample g = 0, 1, 2, ... of a run is fixed by the config alone:
 
 * epoch e holds samples [e R, (e + 1) R), R = `rows_per_epoch(cfg)` (iterations x global batch);
 * pass k = g // T (T = tiles in the shards) holds every tile exactly once: the shards in a seeded
-  order, taken SHARD_WINDOW at a time, the tiles of a window shuffled together (so a task reads
+  order, taken SHARD_WINDOW at a time, the tiles of a window shuffled together (so a chunk reads
   a few shards, not one shard per tile, yet a batch mixes tiles of several shards);
 * sample g's crops, flips and degradation are drawn from generators seeded by
   (train.seed, epoch, g, tile_id): a new draw every epoch, the same draw in every run.
 
-The dataset of a run that starts at epoch e0 is `range(chunks)` -> one Ray task per chunk of
+The dataset of a run that starts at epoch e0 is `range(chunks)` -> one `ChunkMaker` call per chunk of
 `chunk_rows(cfg)` consecutive samples (read the shards it needs, decode, crop, degrade; CPU
-only, within `data.data_cpus`) -> rows. Chunks keep their order (preserve_order) and hold a
-whole number of per-worker batches, so Ray Train's streaming split (equal=True) deals them out
+only, within `data.data_cpus`) -> rows. Chunks keep their order (preserve_order) and a per-worker
+batch is a whole number of chunks, so Ray Train's streaming split (equal=True) deals them out
 round-robin and every worker's epoch e is exactly its share of samples [e R, (e + 1) R):
 a run resumed at an epoch boundary sees exactly the data the uninterrupted run would have.
 """
@@ -63,12 +63,15 @@ Stage = Literal["teacher", "student"]
 SHARD_NAME = re.compile(r"^shard-\d+\.parquet$")
 #: shards whose tiles are shuffled together within a pass (a chunk reads at most this many).
 SHARD_WINDOW = 4
-#: upper bound on the samples one Ray task makes (a chunk is also a divisor of the worker batch).
-MAX_CHUNK_ROWS = 16
+#: upper bound on the samples in one chunk (a chunk is also a divisor of the worker batch).
+#: A chunk costs Ray Data ~15 ms of CPU besides its work (2-core machine), so a chunk should take
+#: several hundred ms: 32 student samples of setting 2 take ~250 ms, 32 four-view teacher samples
+#: ~450 ms. The transient float copy of a teacher chunk of 32 (x4, patch 64) is ~100 MB.
+MAX_CHUNK_ROWS = 32
 #: tiles of recently read shards kept per Ray worker process (a window's shards are reused).
 SHARD_CACHE_SIZE = 2 * SHARD_WINDOW
-#: decode + degrade tasks in flight per CPU of `data.data_cpus` (see `_task_pool`).
-TASKS_PER_DATA_CPU = 2
+#: decode + degrade actors per CPU of `data.data_cpus` (see `_maker_pool`).
+MAKERS_PER_DATA_CPU = 2
 #: domain tags, so the noise generator never shares a stream with a sample's generator.
 _SAMPLE_TAG, _NOISE_TAG, _PASS_TAG = 0, 1, 2
 EVAL_ROWS_PER_SHARD = 64
@@ -127,7 +130,7 @@ def _read_shard(url: str, s3_json: str) -> pa.Table:
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """Everything a Ray task needs to make any sample of the run (small; shipped to each task)."""
+    """Everything a chunk maker needs to make any sample of the run (small; shipped to each maker)."""
 
     shards: tuple[ShardInfo, ...]
     s3_json: str
@@ -153,7 +156,7 @@ def rows_per_epoch(cfg: Config) -> int:
 
 
 def chunk_rows(cfg: Config) -> int:
-    """Samples per Ray task: the largest divisor of the per-worker batch up to MAX_CHUNK_ROWS.
+    """Samples per chunk: the largest divisor of the per-worker batch up to MAX_CHUNK_ROWS.
 
     Dividing the per-worker batch is what keeps epochs aligned under the round-robin split.
     """
@@ -273,7 +276,7 @@ def _stack_degradations(items: list[Degradation]) -> Degradation:
 
 
 def make_chunk(spec: SampleSpec, chunk_index: int) -> dict[str, np.ndarray]:
-    """The rows of chunk `chunk_index` of the run (pure function of spec and index; runs in a Ray task).
+    """The rows of chunk `chunk_index` of the run (pure function of spec and index; runs in a chunk maker).
 
     lr uint8 (n, V, 3, p, p), hr uint8 (n, V, 3, p*s, p*s), prior float32 (n, P),
     noise_sigma float32 (n,) on the 0..255 scale, tile_id int64 (n,) [, kernel float32 (n, 21, 21)].
@@ -322,26 +325,39 @@ def _execution_options():
     """Chunks leave in order (what keeps epochs aligned under the round-robin split).
 
     No `resource_limits`: a global CPU cap is shared out fairly over every operator, so the
-    tiny chunk-id operators in front would hold CPUs the decode + degrade tasks need (in our
-    runs the map then ran about one task at a time); the CPU budget is the task pool's size.
+    tiny chunk-id operators in front would hold CPUs the decode + degrade makers need (in our
+    runs the map then ran about one chunk at a time); the CPU budget is the maker pool's.
     """
     from ray.data import ExecutionOptions
 
     return ExecutionOptions(preserve_order=True)
 
 
-def _task_pool(cfg: Config) -> dict:
-    """map_batches arguments: TASKS_PER_DATA_CPU decode + degrade tasks per CPU of `data.data_cpus`.
+class ChunkMaker:
+    """A Ray Data actor that makes chunks; a long-lived process keeps its shard cache and skips
+    the setup Ray Data repeats for every task (~30 ms of CPU a chunk on 2 cores; ~15 with actors)."""
 
-    Each task reserves 1 / TASKS_PER_DATA_CPU of a CPU, so the pool as a whole reserves exactly
-    `data.data_cpus`. Two tasks per CPU keep each CPU busy across the gaps between one task and
-    the next (Ray Data notices finished tasks on a 100 ms tick; a task also waits on its shard
-    reads): with one task per CPU a 2-CPU pool kept about one CPU busy (`benchmarks/ingest.py`).
+    def __init__(self, spec: SampleSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _chunks_to_rows(batch, self.spec)
+
+
+def _maker_pool(cfg: Config) -> dict:
+    """map_batches arguments: MAKERS_PER_DATA_CPU chunk makers per CPU of `data.data_cpus`.
+
+    Each maker reserves 1 / MAKERS_PER_DATA_CPU of a CPU, so the pool as a whole reserves exactly
+    `data.data_cpus`. Two per CPU keep each CPU busy across the gaps between one chunk and the
+    next (Ray Data notices finished work on a 100 ms tick; a maker also waits on its shard reads):
+    with one per CPU a 2-CPU pool kept about one CPU busy (`benchmarks/ingest.py`). The pool
+    starts with one maker and grows while chunks are waiting, so on a busy cluster (a sweep's
+    concurrent trials) the stream still moves with one free share of a CPU.
     """
-    from ray.data import TaskPoolStrategy
+    from ray.data import ActorPoolStrategy
 
-    tasks = max(1, round(cfg.data.data_cpus * TASKS_PER_DATA_CPU))
-    return {"num_cpus": cfg.data.data_cpus / tasks, "compute": TaskPoolStrategy(size=tasks)}
+    makers = max(1, round(cfg.data.data_cpus * MAKERS_PER_DATA_CPU))
+    return {"num_cpus": cfg.data.data_cpus / makers, "compute": ActorPoolStrategy(min_size=1, max_size=makers)}
 
 
 def training_dataset(
@@ -360,7 +376,7 @@ def training_dataset(
     Consume it once per run (the loop counts `schedule.iters_per_epoch` batches of
     `train.batch_size // train.num_workers` rows per epoch); pass `training_data_config()` to
     the TorchTrainer so Train keeps the chunk order set here. `epochs` limits the stream;
-    `runtime_env` goes to the decode + degrade tasks (e.g. S3 settings for workers started
+    `runtime_env` goes to the decode + degrade makers (e.g. S3 settings for workers started
     without them; Ray shows a runtime_env in its dashboard, so prefer the workers' own AWS chain).
     """
     import ray.data
@@ -372,9 +388,9 @@ def training_dataset(
     chunks = (stop_epoch - start_epoch) * spec.rows_per_epoch // spec.chunk
     ds = (
         ray.data.range(chunks, override_num_blocks=max(1, min(chunks, 4 * (stop_epoch - start_epoch))))
-        .repartition(target_num_rows_per_block=1)  # one chunk per block -> one chunk per task
+        .repartition(target_num_rows_per_block=1)  # one chunk per block -> one chunk per call
         .map_batches(
-            _chunks_to_rows, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec}, **_task_pool(cfg),
+            ChunkMaker, batch_size=1, batch_format="numpy", fn_constructor_kwargs={"spec": spec}, **_maker_pool(cfg),
             **({"runtime_env": runtime_env} if runtime_env else {}),
         )
     )

@@ -38,6 +38,10 @@ STAGE_PARAMS: dict[str, dict[str, SearchParam]] = {
 }
 
 
+class SweepInterrupted(Exception):
+    """Tune stopped before every trial ended (Ctrl-C); its state is saved for a rerun to resume."""
+
+
 @dataclass
 class SweepResult:
     best_params: dict[str, float]
@@ -148,16 +152,25 @@ def _parent_run(cfg: Config) -> str:
 
 def _close_stopped_trial_runs(cfg: Config, parent_run_id: str, rows: list[dict[str, Any]]) -> None:
     """ASHA stops a trial by interrupting its training, so its MLflow run is left RUNNING or FAILED;
-    mark the runs of stopped trials KILLED, and close any run still open once the sweep is over."""
+    mark KILLED every run of a trial that Tune ended without an error but whose run did not finish
+    (ASHA may stop a trial even at its last epoch's report), and any run still open."""
     from workflows import tracking
 
     client = tracking.client(cfg)
-    stopped = {row["trial"] for row in rows if row["stopped_early"]}
+    clean = {row["trial"] for row in rows if not row["error"]}
     children = client.search_runs([tracking.experiment_id(cfg)],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     for run in children:
-        if run.info.status == "RUNNING" or run.data.tags.get("sweep.trial") in stopped:
+        stopped = run.data.tags.get("sweep.trial") in clean and run.info.status != "FINISHED"
+        if run.info.status == "RUNNING" or stopped:
             client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def _unfinished_trials(results, num_samples: int) -> int:
+    """Trials not yet created, waiting, or still running when Tune returned (after a Ctrl-C)."""
+    waiting = sum(1 for result in results if result.config is None)
+    not_ended = len(results) - results.num_terminated - results.num_errors
+    return max(num_samples - len(results), 0) + max(waiting, not_ended)
 
 
 def trials_table(results, space: dict[str, SearchParam], max_epochs: int) -> list[dict[str, Any]]:
@@ -232,6 +245,10 @@ def run_sweep(cfg: Config) -> SweepResult:
     write_shards(cfg.data.train_images, cfg.shards_url, cfg)  # no-op when the shards are complete
     parent_run_id = _parent_run(cfg)
     results = _tuner(cfg, space, parent_run_id).fit()
+    unfinished = _unfinished_trials(results, cfg.tune.num_samples)
+    if unfinished:
+        raise SweepInterrupted(f"[tune] sweep {cfg.train.run_name}-sweep interrupted with {unfinished} trial(s) "
+                               "unfinished; rerun the same command to resume it")
     rows = trials_table(results, space, cfg.schedule.epochs)
     _close_stopped_trial_runs(cfg, parent_run_id, rows)
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
@@ -266,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"lightbsr tune: {error}", file=sys.stderr)
         return 2
+    except SweepInterrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        return 130
     return 0
 
 

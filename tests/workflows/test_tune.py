@@ -109,6 +109,7 @@ def test_sweep_stops_trials_early_resumes_and_records_the_best(tmp_path, sample_
         first.wait()
     log.close()
     out_first = (tmp_path / "first.log").read_text()
+    assert first.returncode == 130 and "rerun the same command to resume" in out_first, out_first[-3000:]
 
     # Second run: the same command resumes; finished trials keep their runs untouched (not rerun).
     second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
