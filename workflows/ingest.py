@@ -350,14 +350,16 @@ def _maker_pool(cfg: Config) -> dict:
     Each maker reserves 1 / MAKERS_PER_DATA_CPU of a CPU, so the pool as a whole reserves exactly
     `data.data_cpus`. Two per CPU keep each CPU busy across the gaps between one chunk and the
     next (Ray Data notices finished work on a 100 ms tick; a maker also waits on its shard reads):
-    with one per CPU a 2-CPU pool kept about one CPU busy (`benchmarks/ingest.py`). The pool
-    starts with one maker and grows while chunks are waiting, so on a busy cluster (a sweep's
-    concurrent trials) the stream still moves with one free share of a CPU.
+    with one per CPU a 2-CPU pool kept about one CPU busy (`benchmarks/ingest.py`). The pool has a
+    fixed size: Ray Data's autoscaling pool grew too slowly (the stream ran at half speed for the
+    whole benchmark). Ray Data starts the makers without waiting for all of them and works with
+    those that have started, so on a busy cluster (a sweep's concurrent trials) the stream still
+    moves with one free share of a CPU.
     """
     from ray.data import ActorPoolStrategy
 
     makers = max(1, round(cfg.data.data_cpus * MAKERS_PER_DATA_CPU))
-    return {"num_cpus": cfg.data.data_cpus / makers, "compute": ActorPoolStrategy(min_size=1, max_size=makers)}
+    return {"num_cpus": cfg.data.data_cpus / makers, "compute": ActorPoolStrategy(size=makers)}
 
 
 def training_dataset(
