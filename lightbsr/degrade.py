@@ -158,18 +158,20 @@ def _cubic(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _bicubic_matrix_cpu(in_size: int, scale: int) -> torch.Tensor:
-    """(in_size/scale, in_size) float64 matrix of MATLAB imresize(1/scale, 'bicubic') weights.
+def _bicubic_matrix_cpu(in_size: int, scale: int, shrink: bool = True) -> torch.Tensor:
+    """float64 MATLAB imresize 'bicubic' weights: (in_size/scale, in_size) shrinking by `scale`,
+    (in_size*scale, in_size) enlarging by it.
 
-    Antialiased: the cubic is stretched by `scale`. Out-of-range taps are clamped to the edge
-    pixel (as the reference does), so their weight accumulates on the first / last column.
+    Shrinking is antialiased: the cubic is stretched by `scale`. Out-of-range taps are clamped to
+    the edge pixel (as the reference does), so their weight accumulates on the first / last column.
     """
-    out_size = in_size // scale
-    taps = 4 * scale + 2
-    centre = torch.arange(1, out_size + 1, dtype=torch.float64) * scale + 0.5 * (1 - scale)  # 1-based
-    left = torch.floor(centre - 2.0 * scale)
-    index = left.unsqueeze(1) + torch.arange(taps, dtype=torch.float64)  # (out, taps), 1-based
-    weight = _cubic((centre.unsqueeze(1) - index) / scale) / scale
+    stretch = scale if shrink else 1
+    out_size = in_size // scale if shrink else in_size * scale
+    out = torch.arange(1, out_size + 1, dtype=torch.float64)
+    centre = out * scale + 0.5 * (1 - scale) if shrink else out / scale + 0.5 * (1 - 1 / scale)  # 1-based
+    left = torch.floor(centre - 2.0 * stretch)
+    index = left.unsqueeze(1) + torch.arange(4 * stretch + 2, dtype=torch.float64)  # (out, taps), 1-based
+    weight = _cubic((centre.unsqueeze(1) - index) / stretch) / stretch
     weight = weight / weight.sum(dim=1, keepdim=True)
     column = (index.clamp(1, in_size) - 1).long()
     matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
@@ -177,14 +179,15 @@ def _bicubic_matrix_cpu(in_size: int, scale: int) -> torch.Tensor:
     return matrix
 
 
-def _bicubic_matrix(in_size: int, scale: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _bicubic_matrix(in_size: int, scale: int, device: torch.device, dtype: torch.dtype,
+                    shrink: bool = True) -> torch.Tensor:
     """`_bicubic_matrix_cpu` on `device` in `dtype`, cached (evaluation images come in many sizes)."""
-    return _bicubic_matrix_on(in_size, scale, str(device), dtype)
+    return _bicubic_matrix_on(in_size, scale, str(device), dtype, shrink)
 
 
 @functools.lru_cache(maxsize=64)
-def _bicubic_matrix_on(in_size: int, scale: int, device: str, dtype: torch.dtype) -> torch.Tensor:
-    return _bicubic_matrix_cpu(in_size, scale).to(device=device, dtype=dtype)
+def _bicubic_matrix_on(in_size: int, scale: int, device: str, dtype: torch.dtype, shrink: bool) -> torch.Tensor:
+    return _bicubic_matrix_cpu(in_size, scale, shrink).to(device=device, dtype=dtype)
 
 
 def _check_scale(scale: int) -> None:
@@ -216,26 +219,14 @@ def bicubic_downsample(x: torch.Tensor, scale: int) -> torch.Tensor:
     return rows @ x @ cols.T  # (B, C, H/s, W/s)
 
 
-# ----------------------------------------------------------------------------- blur + pipeline
-
-
-def _upsample_matrix(in_size: int, scale: int) -> torch.Tensor:
-    """(in_size*scale, in_size) float64 MATLAB imresize(scale, 'bicubic') weights, edge taps clamped."""
-    out = torch.arange(1, in_size * scale + 1, dtype=torch.float64)
-    centre = out / scale + 0.5 * (1 - 1 / scale)  # 1-based input coordinate of each output pixel
-    index = torch.floor(centre - 2).unsqueeze(1) + torch.arange(6, dtype=torch.float64)  # (out, 6) taps
-    weight = _cubic(centre.unsqueeze(1) - index)
-    weight = weight / weight.sum(dim=1, keepdim=True)
-    matrix = torch.zeros(in_size * scale, in_size, dtype=torch.float64)
-    matrix.scatter_add_(1, (index.clamp(1, in_size) - 1).long(), weight)
-    return matrix
-
-
 def bicubic_upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, h*s, w*s) bicubic upscaling (the baseline row of evaluation tables)."""
-    rows = _upsample_matrix(lr.shape[-2], scale).to(device=lr.device, dtype=lr.dtype)
-    cols = _upsample_matrix(lr.shape[-1], scale).to(device=lr.device, dtype=lr.dtype)
+    rows = _bicubic_matrix(lr.shape[-2], scale, lr.device, lr.dtype, shrink=False)  # (h*s, h)
+    cols = _bicubic_matrix(lr.shape[-1], scale, lr.device, lr.dtype, shrink=False)  # (w*s, w)
     return rows @ lr @ cols.T
+
+
+# ----------------------------------------------------------------------------- blur + pipeline
 
 
 def _rank_one_factors(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

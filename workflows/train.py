@@ -91,31 +91,17 @@ def latest_checkpoint(cfg: Config, run_name: str) -> tuple[str, dict[str, Any]] 
     return storage.join(run_url, latest["checkpoint_dir_name"]), latest["metrics"]
 
 
-def _local_copy(url: str, cfg: Config, folder: str) -> str:
-    """A local file or folder for a checkpoint given as a path, s3:// URI or runs:/ MLflow URI."""
-    from workflows import storage
-
-    if url.startswith("runs:/"):
-        import mlflow.artifacts
-
-        return mlflow.artifacts.download_artifacts(artifact_uri=url, dst_path=folder, tracking_uri=cfg.tracking_uri)
-    if storage.is_s3(url):
-        name = url if url.endswith((".pt", ".pth")) else storage.join(url, "model.pt")
-        target = os.path.join(folder, "model.pt")
-        Path(target).write_bytes(storage.read_bytes(name, cfg.storage.s3))
-        return target
-    return url
-
-
 def load_teacher_source(cfg: Config) -> dict[str, Any]:
     """The teacher the student stage learns from: weights, model config and PCA basis."""
     url = cfg.train.teacher_checkpoint
     if not url:
         raise ConfigError("train.teacher_checkpoint: the student stage needs a teacher checkpoint")
+    from workflows.register import RegistryError, fetch_checkpoint
+
     with tempfile.TemporaryDirectory() as folder:
         try:
-            loaded = load_checkpoint(_local_copy(url, cfg, folder), role="teacher")
-        except CheckpointError as error:
+            loaded = load_checkpoint(fetch_checkpoint(url, cfg, folder), role="teacher")
+        except (CheckpointError, RegistryError) as error:
             raise ConfigError(f"train.teacher_checkpoint: {error}") from None
     mine = cfg.model
     for key in ("scale", "setting", "n_groups", "n_blocks"):
@@ -173,10 +159,11 @@ def _checkpoint_uri(cfg: Config, checkpoint) -> str:
 def _log_final_model(cfg: Config, run_id: str, checkpoint_url: str, stage: str) -> None:
     """model.pt under `checkpoint/` (a `runs:/<id>/checkpoint` teacher source); the student also as a model."""
     from workflows import tracking
+    from workflows.register import fetch_checkpoint
 
     with tempfile.TemporaryDirectory() as folder:
-        local = _local_copy(checkpoint_url, cfg, folder)
-        file = local if local.endswith(".pt") else os.path.join(local, "model.pt")
+        local = fetch_checkpoint(checkpoint_url, cfg, folder)
+        file = str(local if local.is_file() else local / "model.pt")
         tracking.client(cfg).log_artifact(run_id, file, artifact_path="checkpoint")
         if stage == "student":
             tracking.log_model(cfg, run_id, load_checkpoint(file, role="student").model)
