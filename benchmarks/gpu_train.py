@@ -29,9 +29,16 @@ from lightbsr.objectives import StudentObjective, TeacherObjective
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
 
-PAPER_LOSSES = SimpleNamespace(l1_weight=1.0, contrastive_temperature=0.07, contrastive_weight=1.0,
-                               kd_temperature=0.15, channel_kl_weight=1.0, channel_l1_weight=0.1,
-                               spatial_weight=1.0, distillation=True)
+PAPER_LOSSES = SimpleNamespace(
+    l1_weight=1.0,
+    contrastive_temperature=0.07,
+    contrastive_weight=1.0,
+    kd_temperature=0.15,
+    channel_kl_weight=1.0,
+    channel_l1_weight=0.1,
+    spatial_weight=1.0,
+    distillation=True,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,13 +74,21 @@ class SyntheticPhotos:
         n, _, side, _ = self.images.shape
         index = torch.randint(n, (batch,), generator=generator)
         offsets = torch.randint(side - hr_side + 1, (batch, views, 2), generator=generator)
-        crops = [[self.images[index[b], :, y : y + hr_side, x : x + hr_side] for y, x in offsets[b].tolist()]
-                 for b in range(batch)]
+        crops = [
+            [self.images[index[b], :, y : y + hr_side, x : x + hr_side] for y, x in offsets[b].tolist()]
+            for b in range(batch)
+        ]
         return torch.stack([torch.stack(c) for c in crops])
 
 
-def degraded_batch(photos: SyntheticPhotos, sampler: DegradationSampler, args, views: int,
-                   generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+def degraded_batch(
+    photos: SyntheticPhotos,
+    sampler: DegradationSampler,
+    args,
+    views: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[torch.Tensor, ...]:
     hr = photos.views(args.batch, views, args.patch * args.scale, generator)
     degradation = sampler.sample(args.batch, generator)
     lr = sampler.degrade_views(hr, degradation)  # on hr's device
@@ -148,12 +163,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     rows = []
     for stage in args.stages.split(","):
-        row = {"benchmark": "gpu_train", "device": name, "batch": args.batch, "patch": args.patch,
-               "scale": args.scale, "groups": args.groups, "blocks": args.blocks, "precision": args.precision,
-               "torch": torch.__version__, **run_stage(stage, args, device)}
+        row = {
+            "benchmark": "gpu_train",
+            "device": name,
+            "batch": args.batch,
+            "patch": args.patch,
+            "scale": args.scale,
+            "groups": args.groups,
+            "blocks": args.blocks,
+            "precision": args.precision,
+            "torch": torch.__version__,
+            **run_stage(stage, args, device),
+        }
         memory = f"{row['peak_memory_gib']:.2f} GiB" if row["peak_memory_gib"] is not None else "n/a"
-        print(f"{stage}: {row['it_per_s']:.3f} it/s, {row['samples_per_s']:.1f} samples/s, peak {memory} "
-              f"({row['iterations']} its in {row['seconds']} s)", flush=True)
+        print(
+            f"{stage}: {row['it_per_s']:.3f} it/s, {row['samples_per_s']:.1f} samples/s, peak {memory} "
+            f"({row['iterations']} its in {row['seconds']} s)",
+            flush=True,
+        )
         rows.append(row)
     out = args.out or (os.path.join(os.environ["OUT"], "gpu_train.json") if os.environ.get("OUT") else None)
     if out:

@@ -28,16 +28,16 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 if __name__ == "__main__" and "--spin" not in sys.argv:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
-from lightbsr import Student  # noqa: E402
-from lightbsr.macs import count_macs  # noqa: E402
+from lightbsr import Student
+from lightbsr.macs import count_macs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MATMUL_SIZE = 2048
@@ -101,7 +101,7 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "label": args.label,
         "student_class": args.student_class,
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "lr_size": args.size,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spin)"),

@@ -121,11 +121,20 @@ def measure(batches: Iterable[dict], warmup: int, count: int, step_s: float, dra
 
 
 def bench_config(shards: str, args: argparse.Namespace, stage_setting: tuple[str, int], batches_needed: int) -> Config:
-    return load_config(None, [
-        f"data.shards={shards}", f"model.setting={stage_setting[1]}", f"train.batch_size={args.batch}",
-        "train.num_workers=1", f"data.data_cpus={args.workers}", "schedule.epochs=1", "schedule.phase1_epochs=0",
-        "schedule.warmup_epochs=0", f"schedule.iters_per_epoch={batches_needed}",
-    ])
+    return load_config(
+        None,
+        [
+            f"data.shards={shards}",
+            f"model.setting={stage_setting[1]}",
+            f"train.batch_size={args.batch}",
+            "train.num_workers=1",
+            f"data.data_cpus={args.workers}",
+            "schedule.epochs=1",
+            "schedule.phase1_epochs=0",
+            "schedule.warmup_epochs=0",
+            f"schedule.iters_per_epoch={batches_needed}",
+        ],
+    )
 
 
 def run_pair(cfg: Config, stage: str, args, basis, step_s: float, batches_needed: int, drain: bool) -> dict:
@@ -163,10 +172,16 @@ def markdown(result: dict) -> str:
             r = result[phase][name]
             rates = ", ".join(f"{x['samples_per_s']:.1f}" for x in r["runs"])
             waits = ", ".join(f"{100 * x['wait_fraction']:.1f}" for x in r["runs"])
-            lines.append(f"| {step_ms:.0f} ms | {name} | {r['samples_per_s']:.1f} ({rates}) "
-                         f"| {100 * r['wait_fraction']:.1f} % ({waits}) |")
-    lines += ["", f"ratio ray / torch (tiny step): {result['tiny_step']['ratio_ray_over_torch']:.2f}; "
-              f"(paced step): {result['paced_step']['ratio_ray_over_torch']:.2f}", ""]
+            lines.append(
+                f"| {step_ms:.0f} ms | {name} | {r['samples_per_s']:.1f} ({rates}) "
+                f"| {100 * r['wait_fraction']:.1f} % ({waits}) |"
+            )
+    lines += [
+        "",
+        f"ratio ray / torch (tiny step): {result['tiny_step']['ratio_ray_over_torch']:.2f}; "
+        f"(paced step): {result['paced_step']['ratio_ray_over_torch']:.2f}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -177,8 +192,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="Ray Data CPUs = DataLoader workers")
     parser.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--cpus", type=int, default=None,
-                        help="cores the whole run is pinned to (default: --workers, at most the machine's)")
+    parser.add_argument(
+        "--cpus",
+        type=int,
+        default=None,
+        help="cores the whole run is pinned to (default: --workers, at most the machine's)",
+    )
     parser.add_argument("--images", default=None, help="HR image folder (default: the sample photographs)")
     parser.add_argument("--machine", default=None, help="how to describe the machine in the results")
     parser.add_argument("--object-store-mb", type=int, default=RayConfig().object_store_mb)
@@ -188,14 +207,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def pin_cpus(count: int) -> int:
     """Pin this process (and so every process it starts, Ray's included) to its first `count` cores."""
-    cores = sorted(os.sched_getaffinity(0))[:max(1, count)]
+    cores = sorted(os.sched_getaffinity(0))[: max(1, count)]
     os.sched_setaffinity(0, cores)
     return len(cores)
 
 
 def describe_machine(pinned: int) -> str:
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{pinned} of {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at start){gpu}")
+    return f"{pinned} of {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at start){gpu}"
 
 
 def bench_case(stage: str, setting: int, args: argparse.Namespace, images: str, machine: str) -> dict:
@@ -209,9 +228,17 @@ def bench_case(stage: str, setting: int, args: argparse.Namespace, images: str, 
         paced_step_s = PACE * args.batch / slower
         paced = run_pair(cfg, stage, args, basis, paced_step_s, batches_needed, drain=False)
     return {
-        "benchmark": "ingest", "stage": stage, "setting": setting, "batch": args.batch, "workers": args.workers,
-        "machine": machine, "tiles": tiles, "scale": cfg.model.scale, "patch": cfg.data.patch_size,
-        "tiny_step": {"step_ms": 1000 * TINY_STEP_S, **tiny}, "paced_step": {"step_ms": 1000 * paced_step_s, **paced},
+        "benchmark": "ingest",
+        "stage": stage,
+        "setting": setting,
+        "batch": args.batch,
+        "workers": args.workers,
+        "machine": machine,
+        "tiles": tiles,
+        "scale": cfg.model.scale,
+        "patch": cfg.data.patch_size,
+        "tiny_step": {"step_ms": 1000 * TINY_STEP_S, **tiny},
+        "paced_step": {"step_ms": 1000 * paced_step_s, **paced},
     }
 
 
@@ -233,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ingest.json").write_text("".join(json.dumps(r) + "\n" for r in results))
-    (out / "ingest.md").write_text("# ingest benchmark: Ray Data stream vs torch DataLoader\n\n"
-                                   + "\n".join(markdown(r) for r in results))
+    (out / "ingest.md").write_text(
+        "# ingest benchmark: Ray Data stream vs torch DataLoader\n\n" + "\n".join(markdown(r) for r in results)
+    )
     return 0
 
 

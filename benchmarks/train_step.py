@@ -45,8 +45,12 @@ def parse_args(argv):
     parser.add_argument("--patch", type=int, default=16)
     parser.add_argument("--groups", type=int, default=2)
     parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in both loops (= CPUs per Ray worker); 1 is steady on a shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in both loops (= CPUs per Ray worker); 1 is steady on a shared machine",
+    )
     parser.add_argument("--images", default=str(Path.home() / ".cache/lightbsr/samples"))
     return parser.parse_args(argv)
 
@@ -57,8 +61,11 @@ def plain_loop(cfg, teacher: Teacher, examples, epochs: int) -> list[float]:
     student = Student(cfg.model.scale, cfg.model.n_groups, cfg.model.n_blocks)
     student.load_from_teacher(teacher)
     objective = StudentObjective(student, teacher, cfg.loss).train()
-    optimizer = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=cfg.schedule.lr,
-                                 betas=(cfg.schedule.beta1, cfg.schedule.beta2))
+    optimizer = torch.optim.Adam(
+        [p for p in objective.parameters() if p.requires_grad],
+        lr=cfg.schedule.lr,
+        betas=(cfg.schedule.beta1, cfg.schedule.beta2),
+    )
     n, batch, rates = len(examples["lr"]), cfg.train.batch_size, []
     step = 0
     for _ in range(epochs):
@@ -89,7 +96,9 @@ def ray_loop(cfg, examples, log: Path) -> list[float]:
 
         def after_report(self, run_context, metrics, checkpoint):
             with open(log, "a") as handle:
-                handle.write(f"{metrics[0]['samples_per_s']} {metrics[0]['data_wait_s'] / metrics[0]['epoch_time_s']}\n")
+                handle.write(
+                    f"{metrics[0]['samples_per_s']} {metrics[0]['data_wait_s'] / metrics[0]['epoch_time_s']}\n"
+                )
 
     init_ray(cfg.ray)
     rows = [{k: v[i] for k, v in examples.items()} for i in range(len(examples["lr"]))]
@@ -108,20 +117,41 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as root:
         torch.manual_seed(1)
         teacher = Teacher(4, 1, args.groups, args.blocks, queue_size=64)
-        model_config = {"scale": 4, "setting": 1, "n_groups": args.groups, "n_blocks": args.blocks,
-                        "queue_size": 64, "momentum": 0.999, "pca_seed": 0}
-        save_checkpoint(Path(root, "teacher"), teacher, role="teacher", model_config=model_config,
-                        pca_basis=kernel_pca_basis(0))
-        cfg = load_config(None, [
-            f"storage.root={root}/store", f"train.teacher_checkpoint={root}/teacher", "data.eval_images=/nonexistent",
-            f"model.n_groups={args.groups}", f"model.n_blocks={args.blocks}", "model.queue_size=64",
-            f"data.patch_size={args.patch}", f"data.tile_size={max(64, 4 * args.patch)}",
-            f"train.batch_size={args.batch}", f"train.cpus_per_worker={args.threads}",
-            f"schedule.epochs={args.epochs}", "schedule.phase1_epochs=0", "schedule.warmup_epochs=0",
-            f"schedule.iters_per_epoch={args.iters}", f"train.checkpoint_every_epochs={args.epochs}",
-        ])
-        examples = degraded_examples(Path(args.images) / "train", 4 * args.batch, 1, args.patch, 4,
-                                     kernel_pca_basis(0), seed=0)
+        model_config = {
+            "scale": 4,
+            "setting": 1,
+            "n_groups": args.groups,
+            "n_blocks": args.blocks,
+            "queue_size": 64,
+            "momentum": 0.999,
+            "pca_seed": 0,
+        }
+        save_checkpoint(
+            Path(root, "teacher"), teacher, role="teacher", model_config=model_config, pca_basis=kernel_pca_basis(0)
+        )
+        cfg = load_config(
+            None,
+            [
+                f"storage.root={root}/store",
+                f"train.teacher_checkpoint={root}/teacher",
+                "data.eval_images=/nonexistent",
+                f"model.n_groups={args.groups}",
+                f"model.n_blocks={args.blocks}",
+                "model.queue_size=64",
+                f"data.patch_size={args.patch}",
+                f"data.tile_size={max(64, 4 * args.patch)}",
+                f"train.batch_size={args.batch}",
+                f"train.cpus_per_worker={args.threads}",
+                f"schedule.epochs={args.epochs}",
+                "schedule.phase1_epochs=0",
+                "schedule.warmup_epochs=0",
+                f"schedule.iters_per_epoch={args.iters}",
+                f"train.checkpoint_every_epochs={args.epochs}",
+            ],
+        )
+        examples = degraded_examples(
+            Path(args.images) / "train", 4 * args.batch, 1, args.patch, 4, kernel_pca_basis(0), seed=0
+        )
         # plain before and after Ray: a machine whose load drifts during the run affects both sides
         plain = plain_loop(cfg, teacher, examples, args.epochs)
         ray_epochs = ray_loop(cfg, examples, Path(root, "ray_rates.txt"))
@@ -129,12 +159,22 @@ def main(argv=None) -> dict:
         plain += plain_loop(cfg, teacher, examples, args.epochs)
     plain_sps = statistics.median(plain[1 : args.epochs] + plain[args.epochs + 1 :])
     ray_sps = statistics.median(ray_rates[1:])
-    row = {"benchmark": "train_step", "model": f"student {args.groups}x{args.blocks}", "batch": args.batch,
-           "patch": args.patch, "threads": args.threads, "epochs_timed": args.epochs - 1, "iters": args.iters, "statistic": "median",
-           "plain_samples_per_s": round(plain_sps, 2), "ray_samples_per_s": round(ray_sps, 2),
-           "ratio": round(ray_sps / plain_sps, 3), "plain_epochs": [round(x, 2) for x in plain],
-           "ray_epochs": [round(x, 2) for x in ray_rates],
-           "ray_data_wait_fraction": [round(w, 3) for _, w in ray_epochs]}
+    row = {
+        "benchmark": "train_step",
+        "model": f"student {args.groups}x{args.blocks}",
+        "batch": args.batch,
+        "patch": args.patch,
+        "threads": args.threads,
+        "epochs_timed": args.epochs - 1,
+        "iters": args.iters,
+        "statistic": "median",
+        "plain_samples_per_s": round(plain_sps, 2),
+        "ray_samples_per_s": round(ray_sps, 2),
+        "ratio": round(ray_sps / plain_sps, 3),
+        "plain_epochs": [round(x, 2) for x in plain],
+        "ray_epochs": [round(x, 2) for x in ray_rates],
+        "ray_data_wait_fraction": [round(w, 3) for _, w in ray_epochs],
+    }
     print(json.dumps(row))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_step.json").write_text(json.dumps(row) + "\n")
@@ -144,7 +184,8 @@ def main(argv=None) -> dict:
         f"| **ratio Ray / plain** | **{ray_sps / plain_sps:.3f}** (goal >= 0.95) |\n\n"
         f"{row['model']}, batch {args.batch}, LR patch {args.patch}, {args.threads} threads, "
         f"{args.epochs - 1} timed epochs x {args.iters} iterations, CPU, one run of "
-        f"`python benchmarks/train_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`.\n")
+        f"`python benchmarks/train_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`.\n"
+    )
     return row
 
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,17 +30,24 @@ __all__ = [
     "FORMAT",
     "CheckpointError",
     "Loaded",
-    "save_checkpoint",
-    "load_checkpoint",
     "checkpoint_file",
     "describe_reference_state_dict",
+    "load_checkpoint",
+    "save_checkpoint",
 ]
 
 FORMAT = "lightbsr/1"
 MODEL_FILE = "model.pt"
 ROLES = ("teacher", "student")
 MODEL_CONFIG_KEYS = ("scale", "setting", "n_groups", "n_blocks", "queue_size", "momentum", "pca_seed")
-MODEL_CONFIG_DEFAULTS = {"setting": 1, "n_groups": 8, "n_blocks": 8, "queue_size": 8192, "momentum": 0.999, "pca_seed": 0}
+MODEL_CONFIG_DEFAULTS = {
+    "setting": 1,
+    "n_groups": 8,
+    "n_blocks": 8,
+    "queue_size": 8192,
+    "momentum": 0.999,
+    "pca_seed": 0,
+}
 
 
 class CheckpointError(ValueError):
@@ -158,8 +166,10 @@ def _read(file: Path, map_location: Any) -> Any:
 
 
 def _is_reference_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and any(str(k).startswith("G.") for k in obj) and any(
-        str(k).startswith("E.") for k in obj
+    return (
+        isinstance(obj, Mapping)
+        and any(str(k).startswith("G.") for k in obj)
+        and any(str(k).startswith("E.") for k in obj)
     )
 
 
@@ -208,14 +218,27 @@ def _load_reference(
             raise CheckpointError(f"{file}: asked for {name} {given!r} but the checkpoint holds {name} {found[name]!r}")
     try:
         model = load_reference_checkpoint(
-            dict(state_dict), role=found["role"], scale=found["scale"], setting=found["setting"],
-            n_groups=found["n_groups"], n_blocks=found["n_blocks"],
+            dict(state_dict),
+            role=found["role"],
+            scale=found["scale"],
+            setting=found["setting"],
+            n_groups=found["n_groups"],
+            n_blocks=found["n_blocks"],
         )
     except (KeyError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{file}: not a loadable authors' checkpoint: {error}") from None
-    model_config = _complete_model_config({k: found[k] for k in ("scale", "setting", "n_groups", "n_blocks")}, str(file))
-    return Loaded(model.eval(), found["role"], found["scale"], found["setting"], None, model_config,
-                  {"format": "reference", "model": state_dict})
+    model_config = _complete_model_config(
+        {k: found[k] for k in ("scale", "setting", "n_groups", "n_blocks")}, str(file)
+    )
+    return Loaded(
+        model.eval(),
+        found["role"],
+        found["scale"],
+        found["setting"],
+        None,
+        model_config,
+        {"format": "reference", "model": state_dict},
+    )
 
 
 def build_model(role: str, model_config: Mapping[str, Any]) -> nn.Module:
@@ -223,12 +246,18 @@ def build_model(role: str, model_config: Mapping[str, Any]) -> nn.Module:
     if role == "student":
         from lightbsr.student import Student
 
-        return Student(scale=model_config["scale"], n_groups=model_config["n_groups"], n_blocks=model_config["n_blocks"])
+        return Student(
+            scale=model_config["scale"], n_groups=model_config["n_groups"], n_blocks=model_config["n_blocks"]
+        )
     from lightbsr.teacher import Teacher
 
     return Teacher(
-        scale=model_config["scale"], setting=model_config["setting"], n_groups=model_config["n_groups"],
-        n_blocks=model_config["n_blocks"], queue_size=model_config["queue_size"], momentum=model_config["momentum"],
+        scale=model_config["scale"],
+        setting=model_config["setting"],
+        n_groups=model_config["n_groups"],
+        n_blocks=model_config["n_blocks"],
+        queue_size=model_config["queue_size"],
+        momentum=model_config["momentum"],
     )
 
 
@@ -276,7 +305,11 @@ def load_checkpoint(
                 f"{file} is neither a {FORMAT} checkpoint nor an authors' BlindSR state dict (G.*/E.* keys)"
             )
         return _load_reference(state_dict, file, role, scale, setting)
-    for name, given, found in (("role", role, loaded.role), ("scale", scale, loaded.scale), ("setting", setting, loaded.setting)):
+    for name, given, found in (
+        ("role", role, loaded.role),
+        ("scale", scale, loaded.scale),
+        ("setting", setting, loaded.setting),
+    ):
         if given is not None and given != found:
             raise CheckpointError(f"{file}: asked for {name} {given!r} but the checkpoint holds {name} {found!r}")
     return loaded

@@ -179,8 +179,9 @@ def _bicubic_matrix_cpu(in_size: int, scale: int, shrink: bool = True) -> torch.
     return matrix
 
 
-def _bicubic_matrix(in_size: int, scale: int, device: torch.device, dtype: torch.dtype,
-                    shrink: bool = True) -> torch.Tensor:
+def _bicubic_matrix(
+    in_size: int, scale: int, device: torch.device, dtype: torch.dtype, shrink: bool = True
+) -> torch.Tensor:
     """`_bicubic_matrix_cpu` on `device` in `dtype`, cached (evaluation images come in many sizes)."""
     return _bicubic_matrix_on(in_size, scale, str(device), dtype, shrink)
 

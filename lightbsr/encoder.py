@@ -51,7 +51,9 @@ class ContrastiveHead(nn.Module):
 
     def __init__(self, channels: int = IDR_CHANNELS, dim: int = 128) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.LeakyReLU(0.1, inplace=True), nn.Linear(channels, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, channels), nn.LeakyReLU(0.1, inplace=True), nn.Linear(channels, dim)
+        )
 
     def forward(self, idr: torch.Tensor) -> torch.Tensor:
         pooled = idr.mean(dim=(2, 3))  # (B, 128, h, w) -> (B, 128)

@@ -83,7 +83,10 @@ class CodeRefinement(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.channel = nn.Sequential(
-            nn.Linear(CODE_CHANNELS, 2 * CODE_CHANNELS), nn.GELU(), nn.Linear(2 * CODE_CHANNELS, CODE_CHANNELS), nn.GELU()
+            nn.Linear(CODE_CHANNELS, 2 * CODE_CHANNELS),
+            nn.GELU(),
+            nn.Linear(2 * CODE_CHANNELS, CODE_CHANNELS),
+            nn.GELU(),
         )
         self.spatial = nn.Sequential(
             conv3x3(MAP_CHANNELS, 2 * MAP_CHANNELS), nn.GELU(), conv3x3(2 * MAP_CHANNELS, MAP_CHANNELS), nn.GELU()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["l1_255", "contrastive_loss", "channel_distillation_loss", "spatial_distillation_loss"]
+__all__ = ["channel_distillation_loss", "contrastive_loss", "l1_255", "spatial_distillation_loss"]
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:

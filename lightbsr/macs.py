@@ -46,11 +46,7 @@ def count_parameters(model: nn.Module) -> int:
     authors' ``n_params``), except the teacher's momentum copies (``key_encoder``, ``key_head``),
     which exist only for the contrastive loss.
     """
-    return sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if not name.startswith(("key_encoder.", "key_head."))
-    )
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("key_encoder.", "key_head.")))
 
 
 def count_trainable_parameters(model: nn.Module) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim", "quantize", "rgb_to_y"]
+__all__ = ["psnr", "quantize", "rgb_to_y", "ssim"]
 
 Y_WEIGHTS = (65.738, 129.057, 25.064)
 PSNR_Y_DIVISOR = 256.0

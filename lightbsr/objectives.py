@@ -22,7 +22,7 @@ from lightbsr.losses import channel_distillation_loss, contrastive_loss, l1_255,
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
 
-__all__ = ["TeacherObjective", "StudentObjective", "LossSettings"]
+__all__ = ["LossSettings", "StudentObjective", "TeacherObjective"]
 
 Terms = dict[str, torch.Tensor]
 
@@ -114,7 +114,7 @@ class StudentObjective(nn.Module):
         self.loss_cfg = loss_cfg
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
 
-    def train(self, mode: bool = True) -> "StudentObjective":
+    def train(self, mode: bool = True) -> StudentObjective:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()

@@ -25,7 +25,7 @@ from lightbsr.degrade import (
     prior_vector,
 )
 
-__all__ = ["PROTOCOLS", "DegradationCase", "Protocol", "crop_to_scale", "get_protocol", "case_seed"]
+__all__ = ["PROTOCOLS", "DegradationCase", "Protocol", "case_seed", "crop_to_scale", "get_protocol"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,7 @@ class Protocol:
         """HR (3, H, W) or (1, 3, H, W) in [0, 1] -> LR of the same rank, (H//s, W//s); deterministic."""
         return self.make_pair(hr, case, image_key)[1]
 
-    def make_pair(
-        self, hr: torch.Tensor, case: DegradationCase, image_key: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_pair(self, hr: torch.Tensor, case: DegradationCase, image_key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(HR cropped to a multiple of the scale, LR), both with hr's rank; score SR against this HR."""
         if not isinstance(hr, torch.Tensor) or hr.dim() not in (3, 4) or hr.shape[-3] != 3:
             shape = tuple(hr.shape) if isinstance(hr, torch.Tensor) else type(hr).__name__
@@ -141,9 +139,7 @@ ANISO_NOISE = (5.0, 10.0)
 PROTOCOLS: dict[str, Protocol] = {
     protocol.name: protocol
     for protocol in (
-        Protocol(
-            "iso_x4", 4, 1, tuple(_iso_case(s) for s in (1.2, 2.4, 3.6)), "x4 isotropic Gaussian, no noise"
-        ),
+        Protocol("iso_x4", 4, 1, tuple(_iso_case(s) for s in (1.2, 2.4, 3.6)), "x4 isotropic Gaussian, no noise"),
         Protocol(
             "aniso_x4",
             4,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lightbsr.images import read_rgb, write_image
 
-__all__ = ["SAMPLES", "Sample", "SampleReport", "SampleError", "extract_samples", "attribution_text"]
+__all__ = ["SAMPLES", "Sample", "SampleError", "SampleReport", "attribution_text", "extract_samples"]
 
 
 @dataclass(frozen=True)
@@ -42,33 +42,110 @@ _SKIMAGE_DOC = "scikit-image's skimage.data docstrings"
 _SPORCO_DOC = "sporco/data/README.rst"
 
 SAMPLES: tuple[Sample, ...] = (
-    Sample("train", "astronaut", *_SKIMAGE, "skimage/data/astronaut.png", "public domain",
-           f"Eileen Collins, NASA Great Images database ({_SKIMAGE_DOC})"),
-    Sample("train", "chelsea", *_SKIMAGE, "skimage/data/chelsea.png", "CC0",
-           f"Chelsea the cat, photograph by Stefan van der Walt ({_SKIMAGE_DOC})"),
-    Sample("train", "coffee", *_SKIMAGE, "skimage/data/coffee.png", "CC0",
-           f"coffee cup, photograph by Rachel Michetti, courtesy of Pikolo Espresso Bar ({_SKIMAGE_DOC})"),
-    Sample("train", "rocket", *_SKIMAGE, "skimage/data/rocket.jpg", "public domain",
-           f"DSCOVR launch on Falcon 9, SpaceX Photos ({_SKIMAGE_DOC})"),
-    Sample("train", "motorcycle", *_SKIMAGE, "skimage/data/motorcycle_left.png",
-           "no licence stated; redistributed by scikit-image (BSD-3-Clause package)",
-           f"Middlebury 2014 stereo benchmark, Scharstein et al., left view ({_SKIMAGE_DOC})"),
-    Sample("train", "china", *_SKLEARN, "sklearn/datasets/images/china.jpg", "CC BY 2.0",
-           "danielbuechele on Flickr, retrieved by Robert Layton (sklearn/datasets/images/README.txt)"),
-    Sample("train", "flower", *_SKLEARN, "sklearn/datasets/images/flower.jpg", "CC BY 2.0",
-           "vultilion on Flickr, retrieved by Robert Layton (sklearn/datasets/images/README.txt)"),
-    Sample("train", "grace_hopper", *_MPL, "matplotlib/mpl-data/sample_data/grace_hopper.jpg", "public domain",
-           "Commodore Grace M. Hopper, official U.S. Navy photograph, 1984 (matplotlib sample data)"),
-    Sample("eval", "barbara", *_SPORCO, "sporco/data/barbara.png", "redistributable test image",
-           f"attributed to Allen Gersho, via hlevkin.com, borders cropped ({_SPORCO_DOC})"),
-    Sample("eval", "kodim23", *_SPORCO, "sporco/data/kodim23.png", "released for unrestricted use",
-           f"Kodak Lossless True Color Image Suite, image 23 ({_SPORCO_DOC})"),
-    Sample("eval", "monarch", *_SPORCO, "sporco/data/monarch.png", "free of copyright restrictions",
-           f"Waterloo BragZone (the Set14 monarch) ({_SPORCO_DOC})"),
-    Sample("eval", "sail", *_SPORCO, "sporco/data/sail.png", "free of copyright restrictions",
-           f"Waterloo BragZone ({_SPORCO_DOC})"),
-    Sample("eval", "tulips", *_SPORCO, "sporco/data/tulips.png", "free of copyright restrictions",
-           f"Waterloo BragZone ({_SPORCO_DOC})"),
+    Sample(
+        "train",
+        "astronaut",
+        *_SKIMAGE,
+        "skimage/data/astronaut.png",
+        "public domain",
+        f"Eileen Collins, NASA Great Images database ({_SKIMAGE_DOC})",
+    ),
+    Sample(
+        "train",
+        "chelsea",
+        *_SKIMAGE,
+        "skimage/data/chelsea.png",
+        "CC0",
+        f"Chelsea the cat, photograph by Stefan van der Walt ({_SKIMAGE_DOC})",
+    ),
+    Sample(
+        "train",
+        "coffee",
+        *_SKIMAGE,
+        "skimage/data/coffee.png",
+        "CC0",
+        f"coffee cup, photograph by Rachel Michetti, courtesy of Pikolo Espresso Bar ({_SKIMAGE_DOC})",
+    ),
+    Sample(
+        "train",
+        "rocket",
+        *_SKIMAGE,
+        "skimage/data/rocket.jpg",
+        "public domain",
+        f"DSCOVR launch on Falcon 9, SpaceX Photos ({_SKIMAGE_DOC})",
+    ),
+    Sample(
+        "train",
+        "motorcycle",
+        *_SKIMAGE,
+        "skimage/data/motorcycle_left.png",
+        "no licence stated; redistributed by scikit-image (BSD-3-Clause package)",
+        f"Middlebury 2014 stereo benchmark, Scharstein et al., left view ({_SKIMAGE_DOC})",
+    ),
+    Sample(
+        "train",
+        "china",
+        *_SKLEARN,
+        "sklearn/datasets/images/china.jpg",
+        "CC BY 2.0",
+        "danielbuechele on Flickr, retrieved by Robert Layton (sklearn/datasets/images/README.txt)",
+    ),
+    Sample(
+        "train",
+        "flower",
+        *_SKLEARN,
+        "sklearn/datasets/images/flower.jpg",
+        "CC BY 2.0",
+        "vultilion on Flickr, retrieved by Robert Layton (sklearn/datasets/images/README.txt)",
+    ),
+    Sample(
+        "train",
+        "grace_hopper",
+        *_MPL,
+        "matplotlib/mpl-data/sample_data/grace_hopper.jpg",
+        "public domain",
+        "Commodore Grace M. Hopper, official U.S. Navy photograph, 1984 (matplotlib sample data)",
+    ),
+    Sample(
+        "eval",
+        "barbara",
+        *_SPORCO,
+        "sporco/data/barbara.png",
+        "redistributable test image",
+        f"attributed to Allen Gersho, via hlevkin.com, borders cropped ({_SPORCO_DOC})",
+    ),
+    Sample(
+        "eval",
+        "kodim23",
+        *_SPORCO,
+        "sporco/data/kodim23.png",
+        "released for unrestricted use",
+        f"Kodak Lossless True Color Image Suite, image 23 ({_SPORCO_DOC})",
+    ),
+    Sample(
+        "eval",
+        "monarch",
+        *_SPORCO,
+        "sporco/data/monarch.png",
+        "free of copyright restrictions",
+        f"Waterloo BragZone (the Set14 monarch) ({_SPORCO_DOC})",
+    ),
+    Sample(
+        "eval",
+        "sail",
+        *_SPORCO,
+        "sporco/data/sail.png",
+        "free of copyright restrictions",
+        f"Waterloo BragZone ({_SPORCO_DOC})",
+    ),
+    Sample(
+        "eval",
+        "tulips",
+        *_SPORCO,
+        "sporco/data/tulips.png",
+        "free of copyright restrictions",
+        f"Waterloo BragZone ({_SPORCO_DOC})",
+    ),
 )
 
 
@@ -143,8 +220,19 @@ def _by_wheel(samples: list[Sample]) -> dict[tuple[str, str], list[Sample]]:
 
 
 def _download_wheel(package: str, version: str, folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", f"{package}=={version}", "-d", str(folder)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        f"{package}=={version}",
+        "-d",
+        str(folder),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = sorted(folder.glob("*.whl"))
     if result.returncode != 0 or len(wheels) != 1:

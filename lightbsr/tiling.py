@@ -20,7 +20,16 @@ from torch import nn
 
 from lightbsr.validation import check_image_batch
 
-__all__ = ["DEFAULT_TILE", "DEFAULT_OVERLAP", "MIN_SIDE", "tile_starts", "blend_ramp", "upscale_tiled", "upscale", "to_uint8"]
+__all__ = [
+    "DEFAULT_OVERLAP",
+    "DEFAULT_TILE",
+    "MIN_SIDE",
+    "blend_ramp",
+    "tile_starts",
+    "to_uint8",
+    "upscale",
+    "upscale_tiled",
+]
 
 DEFAULT_TILE = 192  # LR pixels per tile side (HR 768 at x4)
 DEFAULT_OVERLAP = 32  # LR pixels shared by neighbouring tiles
@@ -45,7 +54,7 @@ def blend_ramp(size: int, left: int, right: int, device: torch.device | None = N
     if left:
         weight[:left] = torch.minimum(weight[:left], _rise(left, device))
     if right:
-        weight[size - right:] = torch.minimum(weight[size - right:], _rise(right, device).flip(0))
+        weight[size - right :] = torch.minimum(weight[size - right :], _rise(right, device).flip(0))
     return weight
 
 

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "Config",
     "ConfigError",
-    "load_config",
     "apply_overrides",
     "flatten_config",
+    "load_config",
 ]
 
 
@@ -86,7 +86,9 @@ class LossConfig(_Strict):
     channel_kl_weight: float = Field(1.0, ge=0)
     channel_l1_weight: float = Field(0.1, ge=0)
     spatial_weight: float = Field(1.0, ge=0)
-    distillation: bool = Field(True, description="student: align ca/xk on the teacher's (False = the no-alignment ablation)")
+    distillation: bool = Field(
+        True, description="student: align ca/xk on the teacher's (False = the no-alignment ablation)"
+    )
 
 
 class TrainConfig(_Strict):
@@ -107,7 +109,9 @@ class TrainConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    uri: str | None = Field(None, description="MLflow tracking URI; None = MLFLOW_TRACKING_URI, else sqlite under storage.root")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None = MLFLOW_TRACKING_URI, else sqlite under storage.root"
+    )
     experiment: str = "lightbsr"
     registered_model: str | None = Field(None, description="default lightbsr-x<scale>")
     alias: str = "champion"
@@ -125,7 +129,7 @@ class SearchParam(_Strict):
     log: bool = False
 
     @model_validator(mode="after")
-    def _ordered(self) -> "SearchParam":
+    def _ordered(self) -> SearchParam:
         if not self.low < self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if self.log and self.low <= 0:
@@ -151,7 +155,9 @@ class EvalConfig(_Strict):
     batch_size: int = Field(1, ge=1)
     actors: int = Field(2, ge=1, description="Ray Data actor pool size for scoring (at most one per GPU)")
     samples: bool = Field(True, description="also score data.eval_images, as the set 'samples'")
-    crop: int | None = Field(None, ge=16, description="score only the top-left crop of this many HR pixels (quick checks)")
+    crop: int | None = Field(
+        None, ge=16, description="score only the top-left crop of this many HR pixels (quick checks)"
+    )
     idr_patches: int = Field(24, ge=4, description="HR patches per degradation for the IDR discriminability probe")
     idr_patch: int = Field(192, ge=32, description="HR side of those patches (LR = idr_patch / scale)")
 
@@ -169,7 +175,7 @@ class Config(_Strict):
     evaluate: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Config":
+    def _consistent(self) -> Config:
         if self.schedule.phase1_epochs + self.schedule.warmup_epochs > self.schedule.epochs:
             raise ValueError("schedule.phase1_epochs + schedule.warmup_epochs exceed schedule.epochs")
         if self.train.batch_size % self.train.num_workers:
@@ -307,5 +313,11 @@ def dump_config(cfg: Config) -> str:
 def add_config_arguments(parser) -> None:
     """`--config FILE` and repeatable `--set section.key=value`, the same on every command."""
     parser.add_argument("--config", help="YAML config (see workflows/configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.num_workers=2 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.num_workers=2 (repeatable)",
+    )

@@ -31,23 +31,23 @@ from lightbsr.metrics import psnr, ssim
 from lightbsr.protocols import DegradationCase, get_protocol
 from lightbsr.tiling import upscale_tiled
 from workflows import storage
-from workflows.config import Config, load_config, add_config_arguments
+from workflows.config import Config, add_config_arguments, load_config
 from workflows.register import OURS, RegistryError, fetch_checkpoint
 
 __all__ = [
-    "OURS",
     "BICUBIC",
+    "OURS",
     "PUBLISHED",
     "Evaluation",
     "Scorer",
+    "build_tables",
     "collect_items",
+    "evaluate_model",
+    "idr_discriminability",
+    "main",
+    "probe_scores",
     "score_local",
     "score_with_ray",
-    "build_tables",
-    "probe_scores",
-    "idr_discriminability",
-    "evaluate_model",
-    "main",
 ]
 
 BICUBIC = "Bicubic"
@@ -59,16 +59,30 @@ IDR_SIGMAS = (0.6, 1.4, 2.2, 3.0, 3.8)  # the degradation grid of the discrimina
 _ISO_CASES = ("sigma1.2", "sigma2.4", "sigma3.6")
 PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
     "iso_x4": {
-        "Bicubic [published]": {"params": "-", "psnr": {
-            "Set5": (27.30, 25.12, 23.40), "Set14": (25.24, 23.83, 22.57),
-            "B100": (25.42, 24.20, 23.15), "Urban100": (22.68, 21.62, 20.65)}},
-        "DASR (CVPR 21) [published]": {"params": "5.8M", "psnr": {
-            "Set5": (31.92, 31.75, 30.59), "Set14": (28.45, 28.28, 27.45),
-            "B100": (27.52, 27.43, 26.83), "Urban100": (25.69, 25.44, 24.66)}},
+        "Bicubic [published]": {
+            "params": "-",
+            "psnr": {
+                "Set5": (27.30, 25.12, 23.40),
+                "Set14": (25.24, 23.83, 22.57),
+                "B100": (25.42, 24.20, 23.15),
+                "Urban100": (22.68, 21.62, 20.65),
+            },
+        },
+        "DASR (CVPR 21) [published]": {
+            "params": "5.8M",
+            "psnr": {
+                "Set5": (31.92, 31.75, 30.59),
+                "Set14": (28.45, 28.28, 27.45),
+                "B100": (27.52, 27.43, 26.83),
+                "Urban100": (25.69, 25.44, 24.66),
+            },
+        },
     },
     "gaussian8": {
-        "KDSRs-M (ICLR 23) [published]": {"params": "5.80M", "mean_psnr": {
-            "Set5": 32.02, "Set14": 28.46, "B100": 27.52, "Urban100": 25.96}},
+        "KDSRs-M (ICLR 23) [published]": {
+            "params": "5.80M",
+            "mean_psnr": {"Set5": 32.02, "Set14": 28.46, "B100": 27.52, "Urban100": 25.96},
+        },
     },
 }
 
@@ -94,8 +108,9 @@ def collect_items(cfg: Config, benchmarks: str | None) -> list[dict[str, Any]]:
         for path in paths:
             data = path.read_bytes()
             for protocol_name in cfg.evaluate.protocols:
-                items.append({"set": set_name, "image": path.name, "protocol": get_protocol(protocol_name).name,
-                              "data": data})
+                items.append(
+                    {"set": set_name, "image": path.name, "protocol": get_protocol(protocol_name).name, "data": data}
+                )
     return items
 
 
@@ -131,11 +146,18 @@ class Scorer:
                 sr = upscale_tiled(self.student, lr.to(self.device), self.tile, self.overlap).cpu()
             base = bicubic_upsample(lr, protocol.scale)
             s = protocol.scale
-            rows.append({
-                "set": str(item["set"]), "image": str(item["image"]), "protocol": protocol.name, "case": case.name,
-                "psnr": float(psnr(sr, hr, s)[0]), "ssim": float(ssim(sr, hr, s)[0]),
-                "bicubic_psnr": float(psnr(base, hr, s)[0]), "bicubic_ssim": float(ssim(base, hr, s)[0]),
-            })
+            rows.append(
+                {
+                    "set": str(item["set"]),
+                    "image": str(item["image"]),
+                    "protocol": protocol.name,
+                    "case": case.name,
+                    "psnr": float(psnr(sr, hr, s)[0]),
+                    "ssim": float(ssim(sr, hr, s)[0]),
+                    "bicubic_psnr": float(psnr(base, hr, s)[0]),
+                    "bicubic_ssim": float(ssim(base, hr, s)[0]),
+                }
+            )
         return rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -165,8 +187,13 @@ def score_with_ray(items: list[dict[str, Any]], checkpoint: bytes, cfg: Config) 
     actors = max(1, min(cfg.evaluate.actors, gpus if use_gpu else cfg.evaluate.actors, len(items)))
     dataset = ray.data.from_items(items).map_batches(
         Scorer,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "tile": cfg.evaluate.tile, "overlap": cfg.evaluate.overlap,
-                               "crop": cfg.evaluate.crop, "device": "cuda" if use_gpu else "cpu"},
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint,
+            "tile": cfg.evaluate.tile,
+            "overlap": cfg.evaluate.overlap,
+            "crop": cfg.evaluate.crop,
+            "device": "cuda" if use_gpu else "cpu",
+        },
         batch_size=cfg.evaluate.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -191,12 +218,16 @@ def _per_set(rows: list[dict[str, Any]], protocol: str, prefix: str) -> dict[str
         chosen = [r for r in rows if r["protocol"] == protocol and r["set"] == set_name]
         cases = list(dict.fromkeys(r["case"] for r in chosen))
         out[set_name] = {
-            case: (_mean([r[f"{prefix}psnr"] for r in chosen if r["case"] == case]),
-                   _mean([r[f"{prefix}ssim"] for r in chosen if r["case"] == case]))
+            case: (
+                _mean([r[f"{prefix}psnr"] for r in chosen if r["case"] == case]),
+                _mean([r[f"{prefix}ssim"] for r in chosen if r["case"] == case]),
+            )
             for case in cases
         }
-        out[set_name]["mean"] = (_mean([v[0] for v in out[set_name].values()]),
-                                 _mean([v[1] for v in out[set_name].values()]))
+        out[set_name]["mean"] = (
+            _mean([v[0] for v in out[set_name].values()]),
+            _mean([v[1] for v in out[set_name].values()]),
+        )
     return out
 
 
@@ -205,7 +236,9 @@ def _set_order(name: str) -> tuple[int, str]:
     return (order.index(name) if name in order else len(order), name)
 
 
-def _published_rows(protocol: str, cases: list[str], sets: list[str]) -> list[tuple[str, str, dict[str, dict[str, float]]]]:
+def _published_rows(
+    protocol: str, cases: list[str], sets: list[str]
+) -> list[tuple[str, str, dict[str, dict[str, float]]]]:
     """(method, params, {set: {case: PSNR}}) for the published figures of the sets present."""
     rows = []
     for method, entry in PUBLISHED.get(protocol, {}).items():
@@ -242,7 +275,9 @@ def build_tables(rows: list[dict[str, Any]], protocols: list[str], params: int) 
     """
     md: list[str] = []
     all_sets = sorted({r["set"] for r in rows}, key=_set_order)
-    header = ["method", "params", "protocol", "setting", "case"] + [f"{s} {m}" for s in all_sets for m in ("PSNR", "SSIM")]
+    header = ["method", "params", "protocol", "setting", "case"] + [
+        f"{s} {m}" for s in all_sets for m in ("PSNR", "SSIM")
+    ]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -255,8 +290,12 @@ def build_tables(rows: list[dict[str, Any]], protocols: list[str], params: int) 
         measured = [(BICUBIC, "-", base), (OURS, f"{params / 1e6:.2f}M", ours)]
         published = _published_rows(name, cases, sets)
         shown = ", ".join(cases) if per_case else f"mean over {len(cases)} cases"
-        md += [f"### {name}: {protocol.description} (x{protocol.scale} Y-PSNR dB; {shown})", "",
-               "| method | params | " + " | ".join(sets) + " |", "| --- | --- |" + " --- |" * len(sets)]
+        md += [
+            f"### {name}: {protocol.description} (x{protocol.scale} Y-PSNR dB; {shown})",
+            "",
+            "| method | params | " + " | ".join(sets) + " |",
+            "| --- | --- |" + " --- |" * len(sets),
+        ]
         psnr_only = [(m, p, {s: {c: v[0] for c, v in t.items()} for s, t in table.items()}) for m, p, table in measured]
         for method, p, table in [psnr_only[0], *published, psnr_only[1]]:
             cells = [_cell(table.get(s, {}), cases, per_case) for s in sets]
@@ -298,8 +337,15 @@ def _patches(paths: list[Path], count: int, size: int, seed: int) -> torch.Tenso
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
 
 
-def idr_features(model: torch.nn.Module, role: str, hr: torch.Tensor, scale: int, basis: torch.Tensor | None,
-                 setting: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def idr_features(
+    model: torch.nn.Module,
+    role: str,
+    hr: torch.Tensor,
+    scale: int,
+    basis: torch.Tensor | None,
+    setting: int,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Pooled IDRs (N * len(IDR_SIGMAS), 128) of HR patches degraded with each grid sigma, and labels."""
     features, labels = [], []
     for label, sigma in enumerate(IDR_SIGMAS):
@@ -328,8 +374,11 @@ def probe_scores(features: np.ndarray, labels: np.ndarray, train: np.ndarray) ->
     probe.fit(features[train], labels[train])
     accuracy = float((probe.predict(features[~train]) == labels[~train]).mean())
     # on the raw features: per-dimension standardising would inflate dimensions that carry only noise
-    return {"probe_accuracy": accuracy, "silhouette": float(silhouette_score(features, labels)),
-            "chance": 1.0 / len(np.unique(labels))}
+    return {
+        "probe_accuracy": accuracy,
+        "silhouette": float(silhouette_score(features, labels)),
+        "chance": 1.0 / len(np.unique(labels)),
+    }
 
 
 def _projection_png(embeddings: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
@@ -352,7 +401,9 @@ def _projection_png(embeddings: dict[str, tuple[np.ndarray, np.ndarray]]) -> byt
     return buffer.getvalue()
 
 
-def idr_discriminability(models: dict[str, Any], paths: list[Path], cfg: Config) -> tuple[dict[str, dict[str, float]], bytes]:
+def idr_discriminability(
+    models: dict[str, Any], paths: list[Path], cfg: Config
+) -> tuple[dict[str, dict[str, float]], bytes]:
     """Probe scores per model ({'student': Loaded, 'teacher': Loaded}) and the projection plot (PNG bytes).
 
     Patches are split by content: the probe trains on the first half of the patches (all
@@ -390,8 +441,11 @@ def _per_image_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def _outputs(result: Evaluation) -> dict[str, bytes]:
-    files = {"table.md": result.tables.markdown.encode(), "table.csv": result.tables.csv.encode(),
-             "per_image.csv": _per_image_csv(result.rows).encode()}
+    files = {
+        "table.md": result.tables.markdown.encode(),
+        "table.csv": result.tables.csv.encode(),
+        "per_image.csv": _per_image_csv(result.rows).encode(),
+    }
     if result.idr:
         files["idr.json"] = json.dumps(result.idr, indent=2).encode()
     if result.idr_plot:
@@ -410,9 +464,16 @@ def log_to_mlflow(result: Evaluation, cfg: Config, model_ref: str, files: dict[s
 
     mlflow.set_tracking_uri(cfg.tracking_uri)
     with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name="evaluate") as run:
-        mlflow.log_params({"model": model_ref, "protocols": ",".join(cfg.evaluate.protocols),
-                           "sets": ",".join(sorted({r["set"] for r in result.rows})),
-                           "tile": cfg.evaluate.tile, "overlap": cfg.evaluate.overlap, "crop": cfg.evaluate.crop})
+        mlflow.log_params(
+            {
+                "model": model_ref,
+                "protocols": ",".join(cfg.evaluate.protocols),
+                "sets": ",".join(sorted({r["set"] for r in result.rows})),
+                "tile": cfg.evaluate.tile,
+                "overlap": cfg.evaluate.overlap,
+                "crop": cfg.evaluate.crop,
+            }
+        )
         metrics = {}
         for line in csv.DictReader(io.StringIO(result.tables.csv)):
             if line["method"] not in (OURS, BICUBIC):
@@ -420,8 +481,13 @@ def log_to_mlflow(result: Evaluation, cfg: Config, model_ref: str, files: dict[s
             for column, value in line.items():
                 if column.endswith((" PSNR", " SSIM")) and value:
                     set_name, metric = column.rsplit(" ", 1)
-                    key = _metric_name("bicubic" if line["method"] == BICUBIC else "ours", metric.lower(),
-                                       line["protocol"], set_name, line["case"])
+                    key = _metric_name(
+                        "bicubic" if line["method"] == BICUBIC else "ours",
+                        metric.lower(),
+                        line["protocol"],
+                        set_name,
+                        line["case"],
+                    )
                     metrics[key] = float(value)
         for model, values in result.idr.items():
             metrics.update({_metric_name("idr", model, k): v for k, v in values.items()})
@@ -433,9 +499,17 @@ def log_to_mlflow(result: Evaluation, cfg: Config, model_ref: str, files: dict[s
         return run.info.run_id
 
 
-def evaluate_model(model_ref: str, cfg: Config, *, benchmarks: str | None = None, local: bool = False,
-                   teacher_ref: str | None = None, idr: bool = True, out: str | None = None,
-                   log: bool = True) -> Evaluation:
+def evaluate_model(
+    model_ref: str,
+    cfg: Config,
+    *,
+    benchmarks: str | None = None,
+    local: bool = False,
+    teacher_ref: str | None = None,
+    idr: bool = True,
+    out: str | None = None,
+    log: bool = True,
+) -> Evaluation:
     """Score `model_ref` on every benchmark set present plus the evaluation images; tables, IDR probe, MLflow."""
     with tempfile.TemporaryDirectory(prefix="lightbsr-evaluate-") as workdir:
         checkpoint_file = fetch_checkpoint(model_ref, cfg, workdir)
@@ -464,8 +538,12 @@ def evaluate_model(model_ref: str, cfg: Config, *, benchmarks: str | None = None
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightbsr evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="checkpoint path (ours or the authors'), s3:// URL or models:/name@alias")
-    parser.add_argument("--benchmarks", help="<root>/<Set5|Set14|B100|Urban100|Manga109>/HR/*.png (default: data.benchmarks)")
+    parser.add_argument(
+        "--model", required=True, help="checkpoint path (ours or the authors'), s3:// URL or models:/name@alias"
+    )
+    parser.add_argument(
+        "--benchmarks", help="<root>/<Set5|Set14|B100|Urban100|Manga109>/HR/*.png (default: data.benchmarks)"
+    )
     parser.add_argument("--teacher", help="teacher checkpoint, to compare its IDR with the student's")
     parser.add_argument("--out", help="folder or URL for the tables (default: <storage.root>/evaluation)")
     parser.add_argument("--local", action="store_true", help="score in this process instead of Ray Data")
@@ -479,8 +557,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        result = evaluate_model(args.model, cfg, benchmarks=args.benchmarks, local=args.local, teacher_ref=args.teacher,
-                                idr=not args.no_idr, out=args.out or cfg.url("evaluation"), log=not args.no_mlflow)
+        result = evaluate_model(
+            args.model,
+            cfg,
+            benchmarks=args.benchmarks,
+            local=args.local,
+            teacher_ref=args.teacher,
+            idr=not args.no_idr,
+            out=args.out or cfg.url("evaluation"),
+            log=not args.no_mlflow,
+        )
     except (ImageError, CheckpointError, RegistryError, storage.StorageError, ValueError) as error:
         print(f"lightbsr evaluate: {error}", file=sys.stderr)
         return 1

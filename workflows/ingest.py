@@ -96,13 +96,16 @@ def list_shards(url: str, cfg: Config) -> tuple[ShardInfo, ...]:
     manifest = load_manifest(url, cfg)
     if manifest is not None:
         if not manifest.complete:
-            raise ValueError(f"{storage.redact(url)}: the shards are incomplete (manifest.json says so); "
-                             "rerun `lightbsr shards` to finish them")
+            raise ValueError(
+                f"{storage.redact(url)}: the shards are incomplete (manifest.json says so); "
+                "rerun `lightbsr shards` to finish them"
+            )
         shards = tuple(ShardInfo(storage.join(url, e.name), e.tiles) for e in manifest.shards if e.tiles > 0)
     else:
         names = [name for name in storage.list_files(url, cfg.storage.s3) if SHARD_NAME.match(name)]
-        shards = tuple(ShardInfo(storage.join(url, name), _footer_rows(storage.join(url, name), cfg.storage.s3))
-                       for name in names)
+        shards = tuple(
+            ShardInfo(storage.join(url, name), _footer_rows(storage.join(url, name), cfg.storage.s3)) for name in names
+        )
     if not shards:
         raise ValueError(
             f"{storage.redact(url)}: no shard-NNNNN.parquet files with tiles (run `lightbsr shards` first)"
@@ -206,7 +209,7 @@ def pass_slots(shard_rows: tuple[int, ...], seed: int, pass_index: int) -> np.nd
     order = rng.permutation(len(shard_rows))
     windows = []
     for start in range(0, len(order), SHARD_WINDOW):
-        window = order[start:start + SHARD_WINDOW]
+        window = order[start : start + SHARD_WINDOW]
         slots = np.concatenate([np.stack([np.full(shard_rows[k], k), np.arange(shard_rows[k])], 1) for k in window])
         windows.append(slots[rng.permutation(len(slots))])
     return np.concatenate(windows).astype(np.int64)
@@ -259,7 +262,7 @@ def _augmented_views(tile: np.ndarray, size: int, views: int, rng: np.random.Gen
     for v in range(views):
         top, left = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
         hflip, vflip, transpose = rng.integers(0, 2, size=3)
-        patch = tile[top:top + size, left:left + size]
+        patch = tile[top : top + size, left : left + size]
         if hflip:
             patch = patch[:, ::-1]
         if vflip:
@@ -392,7 +395,11 @@ def training_dataset(
         ray.data.range(chunks, override_num_blocks=max(1, min(chunks, 4 * (stop_epoch - start_epoch))))
         .repartition(target_num_rows_per_block=1)  # one chunk per block -> one chunk per call
         .map_batches(
-            ChunkMaker, batch_size=1, batch_format="numpy", fn_constructor_kwargs={"spec": spec}, **_maker_pool(cfg),
+            ChunkMaker,
+            batch_size=1,
+            batch_format="numpy",
+            fn_constructor_kwargs={"spec": spec},
+            **_maker_pool(cfg),
             **({"runtime_env": runtime_env} if runtime_env else {}),
         )
     )
@@ -413,14 +420,16 @@ def training_data_config():
 
 # ----------------------------------------------------------------------------- evaluation shards
 
-EVAL_SCHEMA = pa.schema([
-    ("image_key", pa.string()),  # path of the HR image relative to the images URL
-    ("case", pa.string()),  # DegradationCase.name
-    ("lr", pa.binary()),  # PNG of the LR image, exactly protocol.make_lr's pixels
-    ("hr", pa.binary()),  # PNG of the HR image cropped to a multiple of the scale
-    ("prior", pa.list_(pa.float32())),  # the teacher prior of the case (15 or 18 values)
-    ("noise_sigma", pa.float32()),  # 0..255 scale
-])
+EVAL_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),  # path of the HR image relative to the images URL
+        ("case", pa.string()),  # DegradationCase.name
+        ("lr", pa.binary()),  # PNG of the LR image, exactly protocol.make_lr's pixels
+        ("hr", pa.binary()),  # PNG of the HR image cropped to a multiple of the scale
+        ("prior", pa.list_(pa.float32())),  # the teacher prior of the case (15 or 18 values)
+        ("noise_sigma", pa.float32()),  # 0..255 scale
+    ]
+)
 EVAL_MANIFEST = "manifest.json"
 EVAL_FORMAT = "lightbsr-eval-shards/1"
 
@@ -443,8 +452,14 @@ def _eval_images(images_url: str, cfg: Config) -> list[str]:
 
 
 def _eval_manifest(protocol_name: str, images: list[str], shards: list[dict], complete: bool) -> bytes:
-    body = {"format": EVAL_FORMAT, "protocol": protocol_name, "complete": complete, "images": images,
-            "rows": sum(s["rows"] for s in shards), "shards": shards}
+    body = {
+        "format": EVAL_FORMAT,
+        "protocol": protocol_name,
+        "complete": complete,
+        "images": images,
+        "rows": sum(s["rows"] for s in shards),
+        "shards": shards,
+    }
     return (json.dumps(body, indent=1) + "\n").encode()
 
 
@@ -460,14 +475,16 @@ def _pairs_of_image(protocol, image_key: str, pixels: np.ndarray, basis: torch.T
     rows = []
     for case in protocol.cases:
         cropped, lr = protocol.make_pair(hr, case, image_key)
-        rows.append({
-            "image_key": image_key,
-            "case": case.name,
-            "lr": encode_png(_to_uint8_hwc(lr)),
-            "hr": encode_png(_to_uint8_hwc(cropped)),
-            "prior": protocol.prior(case, basis).tolist(),
-            "noise_sigma": float(case.noise_sigma),
-        })
+        rows.append(
+            {
+                "image_key": image_key,
+                "case": case.name,
+                "lr": encode_png(_to_uint8_hwc(lr)),
+                "hr": encode_png(_to_uint8_hwc(cropped)),
+                "prior": protocol.prior(case, basis).tolist(),
+                "noise_sigma": float(case.noise_sigma),
+            }
+        )
     return rows
 
 
@@ -526,9 +543,14 @@ def read_eval_shards(url: str, cfg: Config | None = None) -> list[EvalPair]:
         table = pq.read_table(io.BytesIO(storage.read_bytes(shard_url, s3_cfg)))
         for row in table.to_pylist():
             name = f"{storage.redact(shard_url)} {row['image_key']} {row['case']}"
-            pairs.append(EvalPair(
-                image_key=row["image_key"], case=row["case"], lr=read_rgb(row["lr"], f"{name} lr"),
-                hr=read_rgb(row["hr"], f"{name} hr"), prior=np.asarray(row["prior"], dtype=np.float32),
-                noise_sigma=float(row["noise_sigma"]),
-            ))
+            pairs.append(
+                EvalPair(
+                    image_key=row["image_key"],
+                    case=row["case"],
+                    lr=read_rgb(row["lr"], f"{name} lr"),
+                    hr=read_rgb(row["hr"], f"{name} hr"),
+                    prior=np.asarray(row["prior"], dtype=np.float32),
+                    noise_sigma=float(row["noise_sigma"]),
+                )
+            )
     return pairs

@@ -36,8 +36,9 @@ def read_record(cfg: Config, step: str) -> dict[str, Any] | None:
 def write_record(cfg: Config, step: str, record: dict[str, Any]) -> None:
     from workflows import storage
 
-    payload = json.dumps({"step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record},
-                         indent=2, default=str)
+    payload = json.dumps(
+        {"step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}, indent=2, default=str
+    )
     storage.atomic_write_bytes(_record_url(cfg, step), payload.encode(), cfg.storage.s3)
 
 
@@ -53,8 +54,10 @@ def step_samples(cfg: Config, done: dict) -> dict:
         return {"skipped": "image folders exist", "folders": folders}
     roots = {Path(f).parent for f in missing}
     if len(roots) != 1 or {Path(f).name for f in missing} - {"train", "eval"}:
-        raise ConfigError(f"data.train_images / data.eval_images: {missing} do not exist "
-                          "(the sample images are extracted only into <dir>/train and <dir>/eval)")
+        raise ConfigError(
+            f"data.train_images / data.eval_images: {missing} do not exist "
+            "(the sample images are extracted only into <dir>/train and <dir>/eval)"
+        )
     root = roots.pop()
     extract_samples(root)
     return {"folder": str(root)}
@@ -86,8 +89,13 @@ def step_evaluate(cfg: Config, done: dict) -> dict:
     from workflows.evaluate import evaluate_model
 
     out = cfg.url("evaluation", cfg.train.run_name)
-    result = evaluate_model(done["student"]["checkpoint"], cfg, benchmarks=cfg.data.benchmarks,
-                            teacher_ref=done["teacher"]["checkpoint"], out=out)
+    result = evaluate_model(
+        done["student"]["checkpoint"],
+        cfg,
+        benchmarks=cfg.data.benchmarks,
+        teacher_ref=done["teacher"]["checkpoint"],
+        out=out,
+    )
     print(result.tables.markdown)
     return {"folder": out, "table_csv": f"{out}/table.csv", "mlflow_run_id": result.run_id, "idr": result.idr}
 
@@ -172,8 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"lightbsr pipeline: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({step: {k: v for k, v in rec.items() if k in ("seconds", "checkpoint", "model_uri")}
-                      for step, rec in done.items()}, indent=2, default=str))
+    print(
+        json.dumps(
+            {
+                step: {k: v for k, v in rec.items() if k in ("seconds", "checkpoint", "model_uri")}
+                for step, rec in done.items()
+            },
+            indent=2,
+            default=str,
+        )
+    )
     return 0
 
 

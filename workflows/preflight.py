@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from workflows.config import Config, ConfigError
 
-__all__ = ["check", "check_endpoints", "check_folders", "check_tracking", "check_gpu"]
+__all__ = ["check", "check_endpoints", "check_folders", "check_gpu", "check_tracking"]
 
 # Config keys whose values are read as inputs (they must exist before the run).
 INPUT_FOLDER_KEYS = ("data.train_images", "data.eval_images", "data.benchmarks")
@@ -192,8 +192,7 @@ def check_gpu(cfg: Config) -> None:
         raise ConfigError(f"train.use_gpu is true but {where} has no GPU")
     if available < needed:
         raise ConfigError(
-            f"train.num_workers ({needed}) with train.use_gpu needs {needed} GPUs but {where} "
-            f"has at most {available:g}"
+            f"train.num_workers ({needed}) with train.use_gpu needs {needed} GPUs but {where} has at most {available:g}"
         )
 
 

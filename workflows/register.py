@@ -32,8 +32,8 @@ __all__ = [
     "check_registry",
     "fetch_checkpoint",
     "load_student",
-    "register_checkpoint",
     "main",
+    "register_checkpoint",
 ]
 
 EVAL_TABLE_ARTIFACT = "evaluation"
@@ -68,7 +68,7 @@ def check_registry(uri: str, timeout_s: float = 5.0) -> None:
 
 def _parse_model_uri(ref: str) -> tuple[str, str | None, str | None]:
     """`models:/name@alias` or `models:/name/version` -> (name, alias, version)."""
-    body = ref[len("models:/"):]
+    body = ref[len("models:/") :]
     if "@" in body:
         name, alias = body.split("@", 1)
         return name, alias, None
@@ -104,8 +104,11 @@ def fetch_checkpoint(ref: str, cfg: Config, workdir: str | os.PathLike) -> Path:
         uri = cfg.tracking_uri
         version = _model_version(ref, uri)
         name = version.name
-        model_dir = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version.version}", dst_path=str(workdir), tracking_uri=uri))
+        model_dir = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version.version}", dst_path=str(workdir), tracking_uri=uri
+            )
+        )
         mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
         try:
             relative = mlmodel["flavors"]["python_function"]["artifacts"][CHECKPOINT_ARTIFACT]["path"]
@@ -116,8 +119,9 @@ def fetch_checkpoint(ref: str, cfg: Config, workdir: str | os.PathLike) -> Path:
         import mlflow.artifacts
 
         check_registry(cfg.tracking_uri)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(workdir),
-                                                        tracking_uri=cfg.tracking_uri))
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(workdir), tracking_uri=cfg.tracking_uri)
+        )
     if "://" in ref and not ref.startswith("file://"):
         from workflows import storage
 
@@ -183,13 +187,23 @@ def register_checkpoint(
         loaded = load_student(checkpoint, cfg)
         name = cfg.tracking.registered_model or f"lightbsr-x{loaded.scale}"
         # Always ship our format: an authors' checkpoint is converted (it has no PCA basis).
-        ours = save_checkpoint(Path(workdir, f"{name}.pt"), loaded.model, role="student",
-                               model_config=loaded.model_config, pca_basis=loaded.pca_basis,
-                               epoch=loaded.raw.get("epoch", 0), iteration=loaded.raw.get("iteration", 0),
-                               config=loaded.raw.get("config"))
+        ours = save_checkpoint(
+            Path(workdir, f"{name}.pt"),
+            loaded.model,
+            role="student",
+            model_config=loaded.model_config,
+            pca_basis=loaded.pca_basis,
+            epoch=loaded.raw.get("epoch", 0),
+            iteration=loaded.raw.get("iteration", 0),
+            config=loaded.raw.get("config"),
+        )
         artifacts = {CHECKPOINT_ARTIFACT: str(ours)}
-        tags = {"scale": str(loaded.scale), "setting": str(loaded.setting),
-                "parameters": str(sum(p.numel() for p in loaded.model.parameters())), "source": checkpoint}
+        tags = {
+            "scale": str(loaded.scale),
+            "setting": str(loaded.setting),
+            "parameters": str(sum(p.numel() for p in loaded.model.parameters())),
+            "source": checkpoint,
+        }
         if eval_table:
             artifacts[EVAL_TABLE_ARTIFACT] = eval_table
             if eval_table.endswith(".csv"):
@@ -200,8 +214,13 @@ def register_checkpoint(
         with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name=f"register-{name}") as run:
             mlflow.set_tags(tags)
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=LightBSRModel(), artifacts=artifacts, signature=_signature(),
-                input_example=example, pip_requirements=_pinned_requirements(), registered_model_name=name,
+                name="model",
+                python_model=LightBSRModel(),
+                artifacts=artifacts,
+                signature=_signature(),
+                input_example=example,
+                pip_requirements=_pinned_requirements(),
+                registered_model_name=name,
                 code_paths=serving_code_paths(),
             )
         version = str(info.registered_model_version)
@@ -215,10 +234,14 @@ def register_checkpoint(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightbsr register", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="our checkpoint (file or folder), an authors' one, s3:// or models:/")
+    parser.add_argument(
+        "--checkpoint", required=True, help="our checkpoint (file or folder), an authors' one, s3:// or models:/"
+    )
     add_config_arguments(parser)
     parser.add_argument("--alias", help="alias to point at the new version (default: tracking.alias)")
-    parser.add_argument("--eval-table", help="evaluation table (CSV from `lightbsr evaluate`) to ship and tag PSNR from")
+    parser.add_argument(
+        "--eval-table", help="evaluation table (CSV from `lightbsr evaluate`) to ship and tag PSNR from"
+    )
     return parser
 
 

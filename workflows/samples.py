@@ -27,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     except SampleError as error:
         print(f"lightbsr samples: error: {error}", file=sys.stderr)
         return 1
-    print(f"{len(report.written)} written, {len(report.kept)} already present in {report.dest}; "
-          f"sources and licences in {report.attribution}")
+    print(
+        f"{len(report.written)} written, {len(report.kept)} already present in {report.dest}; "
+        f"sources and licences in {report.attribution}"
+    )
     return 0
 
 

@@ -36,6 +36,7 @@ class LightBSRModel(mlflow.pyfunc.PythonModel):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"model input: expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
         tile, overlap = int(params.get("tile", DEFAULT_TILE)), int(params.get("overlap", DEFAULT_OVERLAP))
-        out = np.stack([upscale(self.student, torch.from_numpy(np.ascontiguousarray(im)), tile, overlap).numpy()
-                        for im in images])  # (N, sH, sW, 3)
+        out = np.stack(
+            [upscale(self.student, torch.from_numpy(np.ascontiguousarray(im)), tile, overlap).numpy() for im in images]
+        )  # (N, sH, sW, 3)
         return out[0] if single else out

@@ -34,25 +34,27 @@ from tqdm import tqdm
 
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError, encode_png, read_rgb
 from workflows import storage
-from workflows.config import Config, ConfigError, load_config, add_config_arguments
+from workflows.config import Config, ConfigError, add_config_arguments, load_config
 from workflows.storage import StorageError
 
-__all__ = ["SHARD_SCHEMA", "MANIFEST_NAME", "Manifest", "ShardEntry", "ShardsError", "write_shards", "main"]
+__all__ = ["MANIFEST_NAME", "SHARD_SCHEMA", "Manifest", "ShardEntry", "ShardsError", "main", "write_shards"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "lightbsr-shards/1"
 MANIFEST_NAME = "manifest.json"
-SHARD_SCHEMA = pa.schema([
-    ("tile_id", pa.int64()),
-    ("image", pa.binary()),
-    ("source", pa.string()),
-    ("x", pa.int32()),
-    ("y", pa.int32()),
-    ("height", pa.int32()),
-    ("width", pa.int32()),
-    ("sha256", pa.string()),
-])
+SHARD_SCHEMA = pa.schema(
+    [
+        ("tile_id", pa.int64()),
+        ("image", pa.binary()),
+        ("source", pa.string()),
+        ("x", pa.int32()),
+        ("y", pa.int32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("sha256", pa.string()),
+    ]
+)
 
 
 class ShardsError(ValueError):
@@ -104,8 +106,13 @@ class Manifest:
             "complete": self.complete,
             "tile_size": self.tile_size,
             "tiles_per_shard": self.tiles_per_shard,
-            "counts": {"sources": len(self.sources), "images": self.images, "skipped": len(self.skipped),
-                       "tiles": self.tiles, "shards": len(self.shards)},
+            "counts": {
+                "sources": len(self.sources),
+                "images": self.images,
+                "skipped": len(self.skipped),
+                "tiles": self.tiles,
+                "shards": len(self.shards),
+            },
             "bytes": {"shards": self.bytes, "tiles_png": sum(s.tile_bytes for s in self.shards)},
             "shards": [asdict(s) for s in self.shards],
             "skipped": [asdict(s) for s in self.skipped],
@@ -114,7 +121,7 @@ class Manifest:
         return json.dumps(body, indent=1) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, name: str) -> "Manifest":
+    def from_json(cls, text: str, name: str) -> Manifest:
         try:
             body = json.loads(text)
         except ValueError as error:
@@ -123,9 +130,13 @@ class Manifest:
             raise ShardsError(f"{name} is not a {FORMAT} manifest")
         try:
             return cls(
-                tile_size=body["tile_size"], tiles_per_shard=body["tiles_per_shard"], sources=body["sources"],
-                complete=body["complete"], images=body["counts"]["images"],
-                shards=[ShardEntry(**s) for s in body["shards"]], skipped=[Skipped(**s) for s in body["skipped"]],
+                tile_size=body["tile_size"],
+                tiles_per_shard=body["tiles_per_shard"],
+                sources=body["sources"],
+                complete=body["complete"],
+                images=body["counts"]["images"],
+                shards=[ShardEntry(**s) for s in body["shards"]],
+                skipped=[Skipped(**s) for s in body["skipped"]],
             )
         except (KeyError, TypeError) as error:
             raise ShardsError(f"{name} is an incomplete shard manifest: {error}") from None
@@ -180,7 +191,11 @@ def encode_shard(tiles: list[Tile]) -> tuple[bytes, int]:
     )
     sink = pa.BufferOutputStream()
     pq.write_table(
-        table, sink, compression="zstd", row_group_size=len(tiles), use_dictionary=["source"],
+        table,
+        sink,
+        compression="zstd",
+        row_group_size=len(tiles),
+        use_dictionary=["source"],
         write_statistics=["tile_id", "x", "y"],
     )
     return sink.getvalue().to_pybytes(), sum(len(b) for b in images)
@@ -189,8 +204,14 @@ def encode_shard(tiles: list[Tile]) -> tuple[bytes, int]:
 class ShardWriter:
     """Collects tiles and writes each full shard once, skipping those an earlier run finished."""
 
-    def __init__(self, dst: str, manifest: Manifest, finished: dict[str, ShardEntry], cfg: Config,
-                 on_shard: Callable[[ShardEntry], None] | None):
+    def __init__(
+        self,
+        dst: str,
+        manifest: Manifest,
+        finished: dict[str, ShardEntry],
+        cfg: Config,
+        on_shard: Callable[[ShardEntry], None] | None,
+    ):
         self.dst = dst
         self.manifest = manifest
         self.finished = finished
@@ -223,8 +244,14 @@ class ShardWriter:
         data, tile_bytes = encode_shard(self.pending)
         storage.atomic_write_bytes(storage.join(self.dst, name), data, self.cfg.storage.s3)
         self.written += 1
-        return ShardEntry(name=name, tiles=len(self.pending), first_tile_id=self.pending[0].tile_id,
-                          bytes=len(data), tile_bytes=tile_bytes, sha256=hashlib.sha256(data).hexdigest())
+        return ShardEntry(
+            name=name,
+            tiles=len(self.pending),
+            first_tile_id=self.pending[0].tile_id,
+            bytes=len(data),
+            tile_bytes=tile_bytes,
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
 
 
 def save_manifest(dst: str, manifest: Manifest, cfg: Config) -> None:
@@ -303,8 +330,13 @@ def write_shards(
     bar.close()
     manifest.complete = True
     save_manifest(dst, manifest, cfg)
-    log.info("%d shards (%d written now), %d tiles, %d skipped", len(manifest.shards), writer.written,
-             manifest.tiles, len(manifest.skipped))
+    log.info(
+        "%d shards (%d written now), %d tiles, %d skipped",
+        len(manifest.shards),
+        writer.written,
+        manifest.tiles,
+        len(manifest.skipped),
+    )
     return manifest
 
 
@@ -342,8 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageError, ShardsError, StorageError) as error:
         print(f"lightbsr shards: error: {error}", file=sys.stderr)
         return 1
-    print(f"{manifest.tiles} tiles in {len(manifest.shards)} shards ({manifest.bytes} bytes) from "
-          f"{manifest.images} images, {len(manifest.skipped)} skipped -> {storage.redact(dst)}")
+    print(
+        f"{manifest.tiles} tiles in {len(manifest.shards)} shards ({manifest.bytes} bytes) from "
+        f"{manifest.images} images, {len(manifest.skipped)} skipped -> {storage.redact(dst)}"
+    )
     for item in manifest.skipped:
         print(f"  skipped {item.source}: {item.reason}")
     return 0

@@ -59,7 +59,7 @@ def is_s3(url: str) -> bool:
 
 
 def _local_path(url: str) -> str:
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url[len("file://") :] if url.startswith("file://") else url
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -205,7 +205,7 @@ def list_files(url: str, s3_cfg: S3Config | None = None) -> list[str]:
         if not fs.isdir(root):
             raise FileNotFoundError(f"{redact(url)} does not exist")
         prefix = root.rstrip("/") + "/"
-        return sorted(path[len(prefix):] for path in fs.find(root) if path.startswith(prefix))
+        return sorted(path[len(prefix) :] for path in fs.find(root) if path.startswith(prefix))
 
     return retrying("list", url, walk, s3_cfg)
 

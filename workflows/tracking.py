@@ -17,7 +17,7 @@ import numpy as np
 
 from workflows.config import Config, flatten_config
 
-__all__ = ["RUN_KEY_TAG", "RunLogger", "experiment_id", "find_run", "open_run", "log_params", "log_model", "client"]
+__all__ = ["RUN_KEY_TAG", "RunLogger", "client", "experiment_id", "find_run", "log_model", "log_params", "open_run"]
 
 RUN_KEY_TAG = "lightbsr.run"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
@@ -53,8 +53,10 @@ def experiment_id(cfg: Config) -> str:
 def find_run(cfg: Config, run_key: str):
     """The latest run tagged `run_key` in the experiment, or None."""
     found = client(cfg).search_runs(
-        [experiment_id(cfg)], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-        order_by=["attributes.start_time DESC"], max_results=1,
+        [experiment_id(cfg)],
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
     return found[0] if found else None
 

@@ -24,9 +24,10 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,9 +40,9 @@ from lightbsr.objectives import StudentObjective, TeacherObjective
 from lightbsr.schedule import learning_rate, phase_of
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
-from workflows.config import Config, ConfigError, load_config, add_config_arguments
+from workflows.config import Config, ConfigError, add_config_arguments, load_config
 
-__all__ = ["StageResult", "train", "train_stage", "train_loop_per_worker", "latest_checkpoint", "main"]
+__all__ = ["StageResult", "latest_checkpoint", "main", "train", "train_loop_per_worker", "train_stage"]
 
 STAGES = ("teacher", "student")
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2 (2.60) run record
@@ -199,8 +200,15 @@ def train_stage(
         run = mlflow_tracking.find_run(cfg, run_name) if tracking else None
         if run is not None and run.info.status != "FINISHED":  # finished training, crashed before closing
             mlflow_tracking.client(cfg).set_terminated(run.info.run_id, status="FINISHED")
-        return StageResult(stage, run_name, done[0], done[1]["epoch"], done[1]["iteration"], done[1],
-                           run.info.run_id if run is not None else None)
+        return StageResult(
+            stage,
+            run_name,
+            done[0],
+            done[1]["epoch"],
+            done[1]["iteration"],
+            done[1],
+            run.info.run_id if run is not None else None,
+        )
 
     run_id = None
     if tracking:
@@ -251,8 +259,9 @@ def train_stage(
     if run_id:
         _log_final_model(cfg, run_id, checkpoint, stage)
         mlflow_tracking.client(cfg).set_terminated(run_id, status="FINISHED")
-    return StageResult(stage, run_name, checkpoint, int(metrics.get("epoch", 0)), int(metrics.get("iteration", 0)),
-                       metrics, run_id)
+    return StageResult(
+        stage, run_name, checkpoint, int(metrics.get("epoch", 0)), int(metrics.get("iteration", 0)), metrics, run_id
+    )
 
 
 def train(cfg: Config) -> list[StageResult]:
@@ -297,8 +306,14 @@ def build_objective(cfg: Config, stage: str, teacher_source: dict[str, Any] | No
         teacher = Teacher(m.scale, m.setting, m.n_groups, m.n_blocks, m.queue_size, m.momentum)
         return TeacherObjective(teacher, cfg.loss)
     config = teacher_source["model_config"]
-    teacher = Teacher(config["scale"], config["setting"], config["n_groups"], config["n_blocks"],
-                      config["queue_size"], config["momentum"])
+    teacher = Teacher(
+        config["scale"],
+        config["setting"],
+        config["n_groups"],
+        config["n_blocks"],
+        config["queue_size"],
+        config["momentum"],
+    )
     teacher.load_state_dict(teacher_source["state"])
     student = Student(m.scale, m.n_groups, m.n_blocks)
     student.load_from_teacher(teacher)
@@ -317,8 +332,9 @@ def _distributed(objective: nn.Module, phase: int, device: torch.device) -> nn.M
     from torch.nn.parallel import DistributedDataParallel
 
     teacher = getattr(objective, "teacher", None)  # the student's frozen teacher: nothing to sync
-    frozen = [] if teacher is None else [f"teacher.{n}" for n, _ in [*teacher.named_parameters(),
-                                                                      *teacher.named_buffers()]]
+    frozen = (
+        [] if teacher is None else [f"teacher.{n}" for n, _ in [*teacher.named_parameters(), *teacher.named_buffers()]]
+    )
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, frozen)
     return DistributedDataParallel(
         objective,
@@ -333,7 +349,7 @@ class Precision:
     scaler: torch.amp.GradScaler
 
     @classmethod
-    def of(cls, name: str, device: torch.device) -> "Precision":
+    def of(cls, name: str, device: torch.device) -> Precision:
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
         return cls(dtype, torch.amp.GradScaler(device.type, enabled=name == "fp16" and device.type == "cuda"))
 
@@ -384,11 +400,16 @@ class BatchStream:
         self.wait_s = 0.0
 
     def _batches(self) -> Iterator:
-        return iter(self.shard.iter_torch_batches(
-            batch_size=self.batch_size, drop_last=True, prefetch_batches=2, device=self.device,
-            collate_fn=_training_collate(float_pixels=self.device.type == "cpu"),
-            pin_memory=self.device.type == "cuda",
-        ))
+        return iter(
+            self.shard.iter_torch_batches(
+                batch_size=self.batch_size,
+                drop_last=True,
+                prefetch_batches=2,
+                device=self.device,
+                collate_fn=_training_collate(float_pixels=self.device.type == "cpu"),
+                pin_memory=self.device.type == "cuda",
+            )
+        )
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
@@ -418,8 +439,10 @@ def validation_set(cfg: Config, basis: torch.Tensor, device: torch.device) -> di
         return None
     protocol = get_protocol(cfg.tune.protocol)
     if protocol.scale != cfg.model.scale or protocol.setting != cfg.model.setting:
-        print(f"[train] no validation: tune.protocol {protocol.name} is x{protocol.scale} setting {protocol.setting}, "
-              f"the model x{cfg.model.scale} setting {cfg.model.setting}")
+        print(
+            f"[train] no validation: tune.protocol {protocol.name} is x{protocol.scale} setting {protocol.setting}, "
+            f"the model x{cfg.model.scale} setting {cfg.model.setting}"
+        )
         return None
     side = VALIDATION_LR_SIDE * cfg.model.scale
     lrs, hrs, priors = [], [], []
@@ -436,7 +459,11 @@ def validation_set(cfg: Config, basis: torch.Tensor, device: torch.device) -> di
         priors.append(protocol.prior(case, basis))
     if not lrs:
         return None
-    return {"lr": torch.stack(lrs).to(device), "hr": torch.stack(hrs).to(device), "prior": torch.stack(priors).to(device)}
+    return {
+        "lr": torch.stack(lrs).to(device),
+        "hr": torch.stack(hrs).to(device),
+        "prior": torch.stack(priors).to(device),
+    }
 
 
 @torch.no_grad()
@@ -444,8 +471,9 @@ def validation_psnr(objective: nn.Module, val: dict[str, torch.Tensor], scale: i
     from lightbsr.metrics import psnr
 
     objective.eval()
-    sr = torch.cat([objective.super_resolve(val["lr"][i : i + 1], val["prior"][i : i + 1])
-                    for i in range(len(val["lr"]))])
+    sr = torch.cat(
+        [objective.super_resolve(val["lr"][i : i + 1], val["prior"][i : i + 1]) for i in range(len(val["lr"]))]
+    )
     objective.train()
     return float(psnr(sr.float().clamp(0, 1), val["hr"], scale).mean())
 
@@ -517,8 +545,16 @@ class LoopContext:
             print(f"[train {self.stage}] {message}", flush=True)
 
 
-def _save_and_report(ctx: LoopContext, model: nn.Module, optimizer, precision: Precision, epoch: int,
-                     iteration: int, metrics: dict[str, float], save: bool) -> None:
+def _save_and_report(
+    ctx: LoopContext,
+    model: nn.Module,
+    optimizer,
+    precision: Precision,
+    epoch: int,
+    iteration: int,
+    metrics: dict[str, float],
+    save: bool,
+) -> None:
     """Every rank reports; rank 0 attaches the checkpoint folder on checkpoint epochs."""
     import ray.train
 
@@ -530,11 +566,22 @@ def _save_and_report(ctx: LoopContext, model: nn.Module, optimizer, precision: P
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if ctx.rank == 0:
-            train_state = {"optimizer": optimizer.state_dict(), "scaler": precision.scaler.state_dict(),
-                           "rng": _rng_state()}
-            save_checkpoint(folder, model, role=ctx.stage, model_config=ctx.cfg.model.model_dump(),
-                            pca_basis=ctx.basis, epoch=epoch, iteration=iteration, train_state=train_state,
-                            config=ctx.cfg.model_dump())
+            train_state = {
+                "optimizer": optimizer.state_dict(),
+                "scaler": precision.scaler.state_dict(),
+                "rng": _rng_state(),
+            }
+            save_checkpoint(
+                folder,
+                model,
+                role=ctx.stage,
+                model_config=ctx.cfg.model.model_dump(),
+                pca_basis=ctx.basis,
+                epoch=epoch,
+                iteration=iteration,
+                train_state=train_state,
+                config=ctx.cfg.model_dump(),
+            )
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -587,26 +634,41 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             if ctx.log.active and iteration % cfg.train.log_every_steps == 0:
                 now = time.perf_counter()
-                ctx.log.metrics({**{k: float(v.detach()) for k, v in terms.items()}, "lr": lr,
-                                 "samples_per_s": window_steps * cfg.train.batch_size / (now - window_start),
-                                 "data_wait_s": (stream.wait_s - window_wait) / window_steps}, step=iteration)
+                ctx.log.metrics(
+                    {
+                        **{k: float(v.detach()) for k, v in terms.items()},
+                        "lr": lr,
+                        "samples_per_s": window_steps * cfg.train.batch_size / (now - window_start),
+                        "data_wait_s": (stream.wait_s - window_wait) / window_steps,
+                    },
+                    step=iteration,
+                )
                 window_start, window_wait, window_steps = now, stream.wait_s, 0
             if ctx.log.active and iteration % cfg.train.image_every_steps == 0:
-                ctx.log.image(image_strip(objective, lr_images, hr_images, prior),
-                              f"strips/{ctx.stage}_{iteration:08d}.png")
+                ctx.log.image(
+                    image_strip(objective, lr_images, hr_images, prior), f"strips/{ctx.stage}_{iteration:08d}.png"
+                )
         elapsed = time.perf_counter() - started
         metrics = {f"loss_{k}": float(v) / schedule.iters_per_epoch for k, v in sums.items()}
-        metrics.update(epoch=epoch, iteration=iteration, phase=phase, lr=lr, epoch_time_s=elapsed,
-                       samples_per_s=schedule.iters_per_epoch * cfg.train.batch_size / elapsed,
-                       data_wait_s=stream.wait_s)
+        metrics.update(
+            epoch=epoch,
+            iteration=iteration,
+            phase=phase,
+            lr=lr,
+            epoch_time_s=elapsed,
+            samples_per_s=schedule.iters_per_epoch * cfg.train.batch_size / elapsed,
+            data_wait_s=stream.wait_s,
+        )
         if val is not None:
             metrics["val_psnr"] = validation_psnr(objective, val, cfg.model.scale)
         save = epoch % cfg.train.checkpoint_every_epochs == 0 or epoch == schedule.epochs
         _save_and_report(ctx, model, optimizer, precision, epoch, iteration, metrics, save)
         ctx.log.metrics({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "iteration")}, iteration)
-        ctx.print(f"epoch {epoch}/{schedule.epochs} it {iteration} phase {phase} lr {lr:.2e} "
-                  f"loss {metrics['loss_total']:.4f} val_psnr {metrics.get('val_psnr', float('nan')):.2f} "
-                  f"{metrics['samples_per_s']:.1f} samples/s")
+        ctx.print(
+            f"epoch {epoch}/{schedule.epochs} it {iteration} phase {phase} lr {lr:.2e} "
+            f"loss {metrics['loss_total']:.4f} val_psnr {metrics.get('val_psnr', float('nan')):.2f} "
+            f"{metrics['samples_per_s']:.1f} samples/s"
+        )
 
 
 # ============================================================================ command line

@@ -18,8 +18,15 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from workflows.config import (Config, ConfigError, SearchParam, add_config_arguments, config_from_dict, dump_config,
-                              load_config)
+from workflows.config import (
+    Config,
+    ConfigError,
+    SearchParam,
+    add_config_arguments,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
 
 METRIC, MODE = "val_psnr", "max"
 
@@ -60,7 +67,8 @@ def search_space(cfg: Config) -> dict[str, SearchParam]:
         if key not in allowed:
             raise ConfigError(
                 f"tune.space.{key}: not a hyper-parameter of the {stage} stage; "
-                f"searchable: {', '.join(sorted(allowed))}")
+                f"searchable: {', '.join(sorted(allowed))}"
+            )
         if "temperature" in key and param.low <= 0:
             raise ConfigError(f"tune.space.{key}: a temperature must be positive, got low={param.low}")
         if param.low < 0:
@@ -98,8 +106,12 @@ def _run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str)
 
     trial = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, f"{base['train']['run_name']}-{trial}")
-    train_stage(cfg, cfg.tune.stage, callbacks=[TuneReportCallback()],
-                mlflow_tags={"mlflow.parentRunId": parent_run_id, "sweep.trial": trial})
+    train_stage(
+        cfg,
+        cfg.tune.stage,
+        callbacks=[TuneReportCallback()],
+        mlflow_tags={"mlflow.parentRunId": parent_run_id, "sweep.trial": trial},
+    )
 
 
 def _param_space(space: dict[str, SearchParam]):
@@ -116,21 +128,32 @@ def _tuner(cfg: Config, space: dict[str, SearchParam], parent_run_id: str):
     name = f"{cfg.train.run_name}-sweep"
     storage = cfg.url("tune")
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=cfg.model_dump(), parent_run_id=parent_run_id), {"cpu": 0.1})
+        tune.with_parameters(_run_trial, base=cfg.model_dump(), parent_run_id=parent_run_id), {"cpu": 0.1}
+    )
     if tune.Tuner.can_restore(f"{storage}/{name}"):
         print(f"[tune] resuming sweep {name} from {storage}/{name}")
         return tune.Tuner.restore(f"{storage}/{name}", trainable, resume_unfinished=True, restart_errored=True)
     search = OptunaSearch(metric=METRIC, mode=MODE, seed=cfg.tune.seed, points_to_evaluate=[paper_point(cfg, space)])
     # max_t one past the last epoch: a trial that runs to the end returns by itself (and closes its
     # MLflow run) instead of being stopped by the scheduler at its last report.
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.schedule.epochs + 1,
-                              grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=cfg.schedule.epochs + 1,
+        grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
+    )
     return tune.Tuner(
         trainable,
         param_space=_param_space(space),
-        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=cfg.tune.num_samples,
-                                    max_concurrent_trials=max_concurrent_trials(cfg), search_alg=search,
-                                    scheduler=scheduler, trial_dirname_creator=_trial_dirname),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=max_concurrent_trials(cfg),
+            search_alg=search,
+            scheduler=scheduler,
+            trial_dirname_creator=_trial_dirname,
+        ),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
     )
 
@@ -158,8 +181,9 @@ def _close_stopped_trial_runs(cfg: Config, parent_run_id: str, rows: list[dict[s
 
     client = tracking.client(cfg)
     clean = {row["trial"] for row in rows if not row["error"]}
-    children = client.search_runs([tracking.experiment_id(cfg)],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    children = client.search_runs(
+        [tracking.experiment_id(cfg)], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
     for run in children:
         stopped = run.data.tags.get("sweep.trial") in clean and run.info.status != "FINISHED"
         if run.info.status == "RUNNING" or stopped:
@@ -179,14 +203,16 @@ def trials_table(results, space: dict[str, SearchParam], max_epochs: int) -> lis
     for result in results:
         metrics = result.metrics or {}
         epochs = int(metrics.get("training_iteration", 0))
-        rows.append({
-            "trial": metrics.get("trial_id", result.path.rstrip("/").rsplit("/", 1)[-1]),
-            **{key: float(result.config[key]) for key in space},
-            METRIC: float(metrics.get(METRIC, float("nan"))),
-            "epochs": epochs,
-            "stopped_early": result.error is None and 0 < epochs < max_epochs,
-            "error": type(result.error).__name__ if result.error else "",
-        })
+        rows.append(
+            {
+                "trial": metrics.get("trial_id", result.path.rstrip("/").rsplit("/", 1)[-1]),
+                **{key: float(result.config[key]) for key in space},
+                METRIC: float(metrics.get(METRIC, float("nan"))),
+                "epochs": epochs,
+                "stopped_early": result.error is None and 0 < epochs < max_epochs,
+                "error": type(result.error).__name__ if result.error else "",
+            }
+        )
     return rows
 
 
@@ -234,9 +260,8 @@ def _plot(rows: list[dict[str, Any]], space: dict[str, SearchParam]):
 
 def run_sweep(cfg: Config) -> SweepResult:
     from workflows import storage, tracking
-    from workflows.runtime import init_ray
-
     from workflows.preflight import check
+    from workflows.runtime import init_ray
     from workflows.shards import write_shards
 
     space = search_space(cfg)
@@ -247,8 +272,10 @@ def run_sweep(cfg: Config) -> SweepResult:
     results = _tuner(cfg, space, parent_run_id).fit()
     unfinished = _unfinished_trials(results, cfg.tune.num_samples)
     if unfinished:
-        raise SweepInterrupted(f"[tune] sweep {cfg.train.run_name}-sweep interrupted with {unfinished} trial(s) "
-                               "unfinished; rerun the same command to resume it")
+        raise SweepInterrupted(
+            f"[tune] sweep {cfg.train.run_name}-sweep interrupted with {unfinished} trial(s) "
+            "unfinished; rerun the same command to resume it"
+        )
     rows = trials_table(results, space, cfg.schedule.epochs)
     _close_stopped_trial_runs(cfg, parent_run_id, rows)
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")

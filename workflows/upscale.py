@@ -22,10 +22,10 @@ from lightbsr.checkpoint import CheckpointError
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError, read_rgb
 from lightbsr.tiling import MIN_SIDE, upscale
 from workflows import storage
-from workflows.config import Config, load_config, add_config_arguments
+from workflows.config import Config, add_config_arguments, load_config
 from workflows.register import RegistryError, load_student
 
-__all__ = ["Job", "plan_jobs", "encode_image", "upscale_all", "main"]
+__all__ = ["Job", "encode_image", "main", "plan_jobs", "upscale_all"]
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
@@ -40,7 +40,9 @@ class Job:
 
 
 def _is_folder_target(out: str, many: bool) -> bool:
-    return many or out.endswith("/") or (not storage.is_s3(out) and storage.exists(out) and not PurePosixPath(out).suffix)
+    return (
+        many or out.endswith("/") or (not storage.is_s3(out) and storage.exists(out) and not PurePosixPath(out).suffix)
+    )
 
 
 def plan_jobs(src: str, out: str, cfg: Config) -> list[Job]:
@@ -86,8 +88,15 @@ def _target(job: Job, out: str, fmt: str) -> str:
     return storage.join(out, stem + EXTENSIONS[fmt])
 
 
-def upscale_all(model: str, src: str, out: str, cfg: Config, fmt: str | None = None,
-                device: str | None = None, progress: bool = True) -> list[str]:
+def upscale_all(
+    model: str,
+    src: str,
+    out: str,
+    cfg: Config,
+    fmt: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> list[str]:
     """Upscale every image of `src` into `out`; returns the written outputs. Stops at the first bad input."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     jobs = plan_jobs(src, out, cfg)

@@ -61,8 +61,12 @@ def as_float_batch(examples: dict[str, np.ndarray], index: slice | np.ndarray) -
 def blind_blur_eval_set(folder: Path, scale: int, hr_side: int, seed: int = 123) -> tuple[torch.Tensor, torch.Tensor]:
     """Centre crops of the held-out photos, each blurred with its own sigma ~ U[0.2, 4] (blind)."""
     photos = load_photos(folder)
-    hr = torch.stack([p[:, (p.shape[1] - hr_side) // 2 :][:, :hr_side, (p.shape[2] - hr_side) // 2 :][:, :, :hr_side]
-                      for p in photos])
+    hr = torch.stack(
+        [
+            p[:, (p.shape[1] - hr_side) // 2 :][:, :hr_side, (p.shape[2] - hr_side) // 2 :][:, :, :hr_side]
+            for p in photos
+        ]
+    )
     g = torch.Generator().manual_seed(seed)
     sigma = 0.2 + 3.8 * torch.rand(len(photos), generator=g)
     lr = degrade(hr, isotropic_gaussian_kernel(sigma), scale)

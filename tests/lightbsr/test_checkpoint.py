@@ -24,8 +24,16 @@ def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def test_student_round_trips_through_our_format(tmp_path, target):
     student = randomised(Student(2, 1, 2), seed=0)
     basis = torch.randn(441, 15, generator=torch.Generator().manual_seed(1))
-    written = save_checkpoint(tmp_path / target, student, role="student", model_config=SMALL, pca_basis=basis,
-                              epoch=3, iteration=42, config={"model": SMALL})
+    written = save_checkpoint(
+        tmp_path / target,
+        student,
+        role="student",
+        model_config=SMALL,
+        pca_basis=basis,
+        epoch=3,
+        iteration=42,
+        config={"model": SMALL},
+    )
     assert written.name in {"model.pt", "ckpt.pt"} and written.is_file()
     loaded = load_checkpoint(tmp_path / target)
     assert (loaded.role, loaded.scale, loaded.setting) == ("student", 2, 1)
@@ -82,7 +90,9 @@ def test_asking_for_the_wrong_role_names_the_file(tmp_path, parity_vectors):
 def test_unusable_files_are_refused_naming_the_file(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    torch.save({"format": "lightbsr/1", "role": "student", "model_config": {"scale": 5}, "model": {}}, tmp_path / "bad.pt")
+    torch.save(
+        {"format": "lightbsr/1", "role": "student", "model_config": {"scale": 5}, "model": {}}, tmp_path / "bad.pt"
+    )
     (tmp_path / "empty_dir").mkdir()
     cases = {
         "notes.txt": "not a readable torch checkpoint",

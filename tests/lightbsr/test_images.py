@@ -38,8 +38,19 @@ def test_read_rgb_returns_the_decoded_pixels_of_an_rgb_file(photo, tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["truncated.jpg", "truncated.png", "empty.png", "notes.png", "gray.png", "rgba.png", "palette.png",
-     "rgb16.png", "cmyk.jpg", "small.png", "bomb.png"],
+    [
+        "truncated.jpg",
+        "truncated.png",
+        "empty.png",
+        "notes.png",
+        "gray.png",
+        "rgba.png",
+        "palette.png",
+        "rgb16.png",
+        "cmyk.jpg",
+        "small.png",
+        "bomb.png",
+    ],
 )
 def test_each_kind_of_bad_file_is_rejected_with_its_reason_and_name(bad_files, tmp_path, name):
     data, reason = bad_files[name]
@@ -143,5 +154,9 @@ def test_list_images_finds_image_files_recursively_in_sorted_order(tmp_path):
     for name in ["b/z.PNG", "a.jpg", "b/a.webp", "c.txt", "a10.tif"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["a.jpg", "a10.tif", "b/a.webp",
-                                                                                   "b/z.PNG"]
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == [
+        "a.jpg",
+        "a10.tif",
+        "b/a.webp",
+        "b/z.PNG",
+    ]

@@ -101,7 +101,9 @@ def test_channel_distillation_is_zero_for_identical_codes_and_scales_kl_weight()
     assert channel_distillation_loss(ca, ca.clone()).item() == pytest.approx(0.0, abs=1e-6)
     other = torch.randn(2, 48)
     kl_only = channel_distillation_loss(other, ca, l1_weight=0.0)
-    assert channel_distillation_loss(other, ca, l1_weight=0.0, kl_weight=3.0).item() == pytest.approx(3 * kl_only.item())
+    assert channel_distillation_loss(other, ca, l1_weight=0.0, kl_weight=3.0).item() == pytest.approx(
+        3 * kl_only.item()
+    )
 
 
 def test_spatial_distillation_is_mean_squared_error():

@@ -177,7 +177,9 @@ def test_momentum_update_moves_keys_toward_queries():
     teacher.momentum_update()
     for old, new, query in zip(before, teacher.key_encoder.parameters(), queries, strict=True):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * query)
-    torch.testing.assert_close(teacher.key_head.mlp[2].bias, 0.9 * (teacher.head.mlp[2].bias - 1.0) + 0.1 * teacher.head.mlp[2].bias)
+    torch.testing.assert_close(
+        teacher.key_head.mlp[2].bias, 0.9 * (teacher.head.mlp[2].bias - 1.0) + 0.1 * teacher.head.mlp[2].bias
+    )
 
 
 def test_enqueue_wraps_around_the_queue():
@@ -202,7 +204,9 @@ def test_student_initialised_from_teacher_takes_all_but_the_first_conv():
     with torch.no_grad():
         teacher.encoder.stages[0].norm.running_mean.uniform_()
     student.load_from_teacher(teacher)
-    for (name, ours), theirs in zip(student.generator.state_dict().items(), teacher.generator.state_dict().values(), strict=True):
+    for (name, ours), theirs in zip(
+        student.generator.state_dict().items(), teacher.generator.state_dict().values(), strict=True
+    ):
         assert torch.equal(ours, theirs), name
     teacher_encoder = teacher.encoder.state_dict()
     for name, tensor in student.encoder.state_dict().items():

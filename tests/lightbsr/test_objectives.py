@@ -19,8 +19,16 @@ SCALE = 4
 
 
 def paper_losses(**changes):
-    values = dict(l1_weight=1.0, contrastive_temperature=0.07, contrastive_weight=1.0, kd_temperature=0.15,
-                  channel_kl_weight=1.0, channel_l1_weight=0.1, spatial_weight=1.0, distillation=True)
+    values = dict(
+        l1_weight=1.0,
+        contrastive_temperature=0.07,
+        contrastive_weight=1.0,
+        kd_temperature=0.15,
+        channel_kl_weight=1.0,
+        channel_l1_weight=0.1,
+        spatial_weight=1.0,
+        distillation=True,
+    )
     return SimpleNamespace(**{**values, **changes})
 
 
@@ -126,9 +134,16 @@ def test_student_phases_and_the_no_alignment_switch(teacher_batch):
     teacher = small_teacher()
     student = small_student(teacher)
     assert set(StudentObjective(student, teacher, paper_losses())(lr, hr, prior, phase=1)) == {
-        "channel", "spatial", "total"}
+        "channel",
+        "spatial",
+        "total",
+    }
     assert set(StudentObjective(student, teacher, paper_losses())(lr, hr, prior, phase=2)) == {
-        "channel", "spatial", "l1", "total"}
+        "channel",
+        "spatial",
+        "l1",
+        "total",
+    }
     plain = StudentObjective(student, None, paper_losses(distillation=False))
     assert set(plain(lr, hr, prior, phase=2)) == {"l1", "total"}
     with pytest.raises(ValueError, match="phase 1 without distillation"):
@@ -151,8 +166,9 @@ def test_student_alignment_terms_match_the_teacher_codes(teacher_batch):
 def _train_student(examples, distillation, steps, seed=0):
     torch.manual_seed(seed)
     teacher = small_teacher(seed=seed)
-    objective = StudentObjective(small_student(teacher), teacher if distillation else None,
-                                 paper_losses(distillation=distillation)).train()
+    objective = StudentObjective(
+        small_student(teacher), teacher if distillation else None, paper_losses(distillation=distillation)
+    ).train()
     optimizer = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=2e-3, betas=(0.9, 0.99))
     n = len(examples["lr"])
     for step in range(steps):
@@ -174,8 +190,10 @@ def test_trained_student_beats_bicubic_on_held_out_images_under_blind_blur(sampl
         with torch.no_grad():
             scores[distillation] = psnr(student(lr).clamp(0, 1), hr, SCALE)
     distilled, unaligned = scores[True], scores[False]
-    print(f"\nY-PSNR on {len(hr)} held-out images, {STUDENT_STEPS} steps: bicubic {bicubic.mean():.2f} dB, "
-          f"student with distillation {distilled.mean():.2f} dB, without alignment {unaligned.mean():.2f} dB")
+    print(
+        f"\nY-PSNR on {len(hr)} held-out images, {STUDENT_STEPS} steps: bicubic {bicubic.mean():.2f} dB, "
+        f"student with distillation {distilled.mean():.2f} dB, without alignment {unaligned.mean():.2f} dB"
+    )
     assert distilled.mean() > bicubic.mean()
 
 

@@ -21,7 +21,12 @@ def test_student_matches_reference_outputs(parity_vectors, name, scale):
     with torch.inference_mode():
         sr, ca, xk = student(case["lr"], return_codes=True)
         idr = student.encode(case["lr"])
-    for label, ours, theirs in (("sr", sr, case["sr"]), ("ca", ca, case["ca"]), ("xk", xk, case["xk"]), ("idr", idr, case["idr"])):
+    for label, ours, theirs in (
+        ("sr", sr, case["sr"]),
+        ("ca", ca, case["ca"]),
+        ("xk", xk, case["xk"]),
+        ("idr", idr, case["idr"]),
+    ):
         assert ours.shape == theirs.shape, label
         assert relative_max_error(ours, theirs) <= TOLERANCE, label
 
@@ -36,7 +41,9 @@ def test_teacher_matches_reference_outputs(parity_vectors):
         assert relative_max_error(ours, theirs) <= TOLERANCE, label
 
 
-@pytest.mark.parametrize(("name", "role", "scale"), [("student_x3", "student", 3), ("teacher_x4_setting1", "teacher", 4)])
+@pytest.mark.parametrize(
+    ("name", "role", "scale"), [("student_x3", "student", 3), ("teacher_x4_setting1", "teacher", 4)]
+)
 def test_export_gives_back_the_reference_checkpoint(parity_vectors, name, role, scale):
     reference = parity_vectors[name]["state_dict"]
     exported = export_reference_state_dict(load_reference_checkpoint(reference, role=role, scale=scale))
@@ -58,7 +65,9 @@ def test_reference_checkpoint_round_trips_through_a_file(parity_vectors, tmp_pat
 def test_missing_reference_key_is_named(parity_vectors):
     reference = dict(parity_vectors["student_x4"]["state_dict"])
     del reference["G.body.3.body.5.spatial_mixing.partial_conv3.weight"]
-    with pytest.raises(ReferenceCheckpointError, match=r"missing keys \['G\.body\.3\.body\.5\.spatial_mixing\.partial_conv3\.weight'\]"):
+    with pytest.raises(
+        ReferenceCheckpointError, match=r"missing keys \['G\.body\.3\.body\.5\.spatial_mixing\.partial_conv3\.weight'\]"
+    ):
         load_reference_checkpoint(reference, role="student", scale=4)
 
 
@@ -71,12 +80,16 @@ def test_unexpected_reference_key_is_named(parity_vectors):
 
 def test_wrong_role_or_scale_is_rejected(parity_vectors):
     student_x4 = parity_vectors["student_x4"]["state_dict"]
-    with pytest.raises(ReferenceCheckpointError, match=r"missing keys \['E\.encoder_k\.E\.0\.bias'.*unexpected keys \['E\.E\.0\.bias'"):
+    with pytest.raises(
+        ReferenceCheckpointError, match=r"missing keys \['E\.encoder_k\.E\.0\.bias'.*unexpected keys \['E\.E\.0\.bias'"
+    ):
         load_reference_checkpoint(student_x4, role="teacher", scale=4)
     with pytest.raises(ReferenceCheckpointError, match="G.tail.0.2.weight"):  # a x4 tail has a second stage
         load_reference_checkpoint(student_x4, role="student", scale=2)
     with pytest.raises(ReferenceCheckpointError, match="E.encoder_q.E.0.weight"):  # 18 input channels, not 21
-        load_reference_checkpoint(parity_vectors["teacher_x4_setting1"]["state_dict"], role="teacher", scale=4, setting=2)
+        load_reference_checkpoint(
+            parity_vectors["teacher_x4_setting1"]["state_dict"], role="teacher", scale=4, setting=2
+        )
 
 
 def test_export_of_a_fresh_model_loads_back_identically():

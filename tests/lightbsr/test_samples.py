@@ -17,7 +17,12 @@ def test_every_sample_is_an_rgb_photograph_large_enough_to_train_on(sample_image
         pixels = read_rgb(sample_images / sample.split / f"{sample.name}.png", min_size=256)
         assert pixels.std() > 20, sample.name  # real scenes, not flat or synthetic fills
     assert sorted(p.stem for p in (sample_images / "eval").glob("*.png")) == [
-        "barbara", "kodim23", "monarch", "sail", "tulips"]
+        "barbara",
+        "kodim23",
+        "monarch",
+        "sail",
+        "tulips",
+    ]
     assert read_rgb(sample_images / "eval" / "monarch.png").shape == (512, 768, 3)
 
 

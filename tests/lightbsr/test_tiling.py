@@ -63,7 +63,9 @@ def outputs(wide_lr):
     return whole, shared, separate
 
 
-@pytest.mark.parametrize("length,tile,overlap", [(100, 100, 16), (50, 192, 32), (232, 192, 32), (1000, 192, 32), (517, 64, 16)])
+@pytest.mark.parametrize(
+    "length,tile,overlap", [(100, 100, 16), (50, 192, 32), (232, 192, 32), (1000, 192, 32), (517, 64, 16)]
+)
 def test_tile_starts_cover_the_axis_with_at_least_the_overlap(length, tile, overlap):
     starts = tile_starts(length, tile, overlap)
     assert starts[0] == 0 and min(starts[-1] + tile, length) == length

@@ -225,11 +225,18 @@ def test_image_runs_as_the_non_root_ray_user():
 def test_image_installs_the_package_it_is_built_from():
     runs = " ".join(docker_value("RUN"))
     assert "pip install" in runs and re.search(r"pip install [^&]*\.(\s|$)", runs)
-    copied = {word.rstrip("/") for rest in docker_value("COPY") for word in shlex.split(rest)[:-1]
-              if not word.startswith("--")}
+    copied = {
+        word.rstrip("/")
+        for rest in docker_value("COPY")
+        for word in shlex.split(rest)[:-1]
+        if not word.startswith("--")
+    }
     assert {"pyproject.toml", "lightbsr", "workflows"} <= copied
-    ignore = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    ignore = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert ignore[0] == "**", "the build context is an allow-list"
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert copied <= allowed

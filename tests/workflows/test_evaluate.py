@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from lightbsr.checkpoint import save_checkpoint
+from lightbsr.degrade import bicubic_upsample
 from lightbsr.images import read_rgb
 from lightbsr.protocols import get_protocol
 from lightbsr.student import Student
 from workflows.config import load_config
-from lightbsr.degrade import bicubic_upsample
 from workflows.evaluate import BICUBIC, OURS, evaluate_model, probe_scores
 
 
@@ -69,11 +69,17 @@ def test_tables_hold_bicubic_published_and_our_rows_with_independent_numbers(sam
         Image.fromarray(read_rgb(sample_images / "eval" / name)[:64, :80]).save(bench / name)
     torch.manual_seed(0)
     student = Student(scale=4, n_groups=1, n_blocks=1).eval()
-    save_checkpoint(tmp_path / "s.pt", student, role="student", model_config={"scale": 4, "n_groups": 1, "n_blocks": 1},
-                    pca_basis=None)
+    save_checkpoint(
+        tmp_path / "s.pt",
+        student,
+        role="student",
+        model_config={"scale": 4, "n_groups": 1, "n_blocks": 1},
+        pca_basis=None,
+    )
     cfg = load_config(None, ["evaluate.samples=false", "evaluate.protocols=[iso_x4, gaussian8]"])
-    result = evaluate_model(str(tmp_path / "s.pt"), cfg, benchmarks=str(tmp_path / "bench"), local=True,
-                            idr=False, log=False)
+    result = evaluate_model(
+        str(tmp_path / "s.pt"), cfg, benchmarks=str(tmp_path / "bench"), local=True, idr=False, log=False
+    )
     md = result.tables.markdown
     assert "| Bicubic [published] | - | 27.30 / 25.12 / 23.40 |" in md
     assert "| DASR (CVPR 21) [published] | 5.8M | 31.92 / 31.75 / 30.59 |" in md
@@ -101,10 +107,16 @@ def logged_local_run(parity_checkpoint, parity_vectors, sample_images, mlflow_se
     """The parity student scored locally on the evaluation photographs, with the IDR probe, logged to MLflow."""
     folder = tmp_path_factory.mktemp("evaluate")
     torch.save(parity_vectors["teacher_x4_setting1"]["state_dict"], folder / "teacher.pt")
-    cfg = eval_config(sample_images, f"tracking.uri={mlflow_server}", "tracking.experiment=evaluate-test",
-                      "evaluate.idr_patches=8", "evaluate.idr_patch=64")
-    result = evaluate_model(str(parity_checkpoint), cfg, local=True, teacher_ref=str(folder / "teacher.pt"),
-                            out=str(folder / "out"))
+    cfg = eval_config(
+        sample_images,
+        f"tracking.uri={mlflow_server}",
+        "tracking.experiment=evaluate-test",
+        "evaluate.idr_patches=8",
+        "evaluate.idr_patch=64",
+    )
+    result = evaluate_model(
+        str(parity_checkpoint), cfg, local=True, teacher_ref=str(folder / "teacher.pt"), out=str(folder / "out")
+    )
     return cfg, result, folder
 
 
@@ -130,10 +142,15 @@ def test_idr_discriminability_and_tables_are_logged_to_mlflow(logged_local_run, 
     run = client.get_run(result.run_id)
     assert run.data.metrics["idr/teacher/probe_accuracy"] == teacher["probe_accuracy"]
     assert run.data.metrics["ours/psnr/iso_x4/samples/mean"] == pytest.approx(
-        np.mean([r["psnr"] for r in result.rows]), abs=1e-4)
+        np.mean([r["psnr"] for r in result.rows]), abs=1e-4
+    )
     names = {f.path for f in client.list_artifacts(result.run_id, "evaluation")}
-    assert {"evaluation/table.md", "evaluation/table.csv", "evaluation/per_image.csv",
-            "evaluation/idr_projection.png"} <= names
+    assert {
+        "evaluation/table.md",
+        "evaluation/table.csv",
+        "evaluation/per_image.csv",
+        "evaluation/idr_projection.png",
+    } <= names
     local_png = client.download_artifacts(result.run_id, "evaluation/idr_projection.png", str(tmp_path))
     with Image.open(local_png) as plot:
         assert plot.format == "PNG" and plot.size[0] > 1.8 * plot.size[1]  # teacher and student panels
@@ -143,8 +160,18 @@ def test_idr_discriminability_and_tables_are_logged_to_mlflow(logged_local_run, 
 def test_evaluate_command_names_a_missing_model_and_writes_nothing(tmp_path, capsys):
     from workflows.evaluate import main
 
-    code = main(["--model", str(tmp_path / "missing.pt"), "--local", "--no-mlflow", "--out", str(tmp_path / "out"),
-                 "--set", f"storage.root={tmp_path}"])
+    code = main(
+        [
+            "--model",
+            str(tmp_path / "missing.pt"),
+            "--local",
+            "--no-mlflow",
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            f"storage.root={tmp_path}",
+        ]
+    )
     assert code == 1
     assert f"checkpoint {tmp_path / 'missing.pt'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

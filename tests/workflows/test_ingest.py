@@ -30,32 +30,55 @@ def write_test_shards(tiles: np.ndarray, url: str, sizes=SHARD_SIZES) -> None:
     """Shards in the `lightbsr shards` schema: tile_id, image (PNG), source, x, y, height, width, sha256."""
     start = 0
     for index, size in enumerate(sizes):
-        part = tiles[start:start + size]
+        part = tiles[start : start + size]
         images = [encode_png(tile) for tile in part]
-        table = pa.table({
-            "tile_id": pa.array(range(1000 + start, 1000 + start + size), pa.int64()),
-            "image": pa.array(images, pa.binary()),
-            "source": pa.array([f"photo-{start + i}.png" for i in range(size)], pa.string()),
-            "x": pa.array([0] * size, pa.int32()),
-            "y": pa.array([0] * size, pa.int32()),
-            "height": pa.array([TILE] * size, pa.int32()),
-            "width": pa.array([TILE] * size, pa.int32()),
-            "sha256": pa.array([hashlib.sha256(b).hexdigest() for b in images], pa.string()),
-        })
+        table = pa.table(
+            {
+                "tile_id": pa.array(range(1000 + start, 1000 + start + size), pa.int64()),
+                "image": pa.array(images, pa.binary()),
+                "source": pa.array([f"photo-{start + i}.png" for i in range(size)], pa.string()),
+                "x": pa.array([0] * size, pa.int32()),
+                "y": pa.array([0] * size, pa.int32()),
+                "height": pa.array([TILE] * size, pa.int32()),
+                "width": pa.array([TILE] * size, pa.int32()),
+                "sha256": pa.array([hashlib.sha256(b).hexdigest() for b in images], pa.string()),
+            }
+        )
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         storage.atomic_write_bytes(storage.join(url, f"shard-{index:05d}.parquet"), sink.getvalue().to_pybytes())
         start += size
 
 
-def make_cfg(shards: str, *, setting: int = 1, seed: int = 0, batch: int = 6, iters: int = 5, workers: int = 1,
-             epochs: int = 4, extra: tuple[str, ...] = ()):
-    return load_config(None, [
-        f"data.shards={shards}", "model.scale=2", f"model.setting={setting}", "data.patch_size=8",
-        f"data.tile_size={TILE}", f"train.batch_size={batch}", f"train.num_workers={workers}",
-        f"schedule.iters_per_epoch={iters}", f"schedule.epochs={epochs}", "schedule.phase1_epochs=1",
-        "schedule.warmup_epochs=0", f"train.seed={seed}", *extra,
-    ])
+def make_cfg(
+    shards: str,
+    *,
+    setting: int = 1,
+    seed: int = 0,
+    batch: int = 6,
+    iters: int = 5,
+    workers: int = 1,
+    epochs: int = 4,
+    extra: tuple[str, ...] = (),
+):
+    return load_config(
+        None,
+        [
+            f"data.shards={shards}",
+            "model.scale=2",
+            f"model.setting={setting}",
+            "data.patch_size=8",
+            f"data.tile_size={TILE}",
+            f"train.batch_size={batch}",
+            f"train.num_workers={workers}",
+            f"schedule.iters_per_epoch={iters}",
+            f"schedule.epochs={epochs}",
+            "schedule.phase1_epochs=1",
+            "schedule.warmup_epochs=0",
+            f"train.seed={seed}",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +138,7 @@ def test_each_epoch_draws_new_crops_and_degradations(shard_url, basis):
     cfg = make_cfg(shard_url, batch=6, iters=5)  # an epoch is exactly one pass over the 30 tiles
     spec = ingest.sample_spec(cfg, "teacher", basis)
     rows = run_rows(spec, 2 * spec.tiles)
-    epoch0, epoch1 = (np.argsort(rows["tile_id"][e * 30:(e + 1) * 30]) + e * 30 for e in (0, 1))
+    epoch0, epoch1 = (np.argsort(rows["tile_id"][e * 30 : (e + 1) * 30]) + e * 30 for e in (0, 1))
     assert (rows["tile_id"][epoch0] == rows["tile_id"][epoch1]).all()
     prior_changed = np.abs(rows["prior"][epoch0] - rows["prior"][epoch1]).max(axis=1) > 1e-4
     crops_changed = (rows["hr"][epoch0] != rows["hr"][epoch1]).any(axis=(1, 2, 3, 4))
@@ -248,8 +271,14 @@ def test_two_train_workers_get_every_tile_once_per_epoch_from_s3(ray_local, s3_s
     url = f"s3://{s3_server.bucket}/ingest-test/train"
     with s3_server.environment():
         write_test_shards(hr_tile(sum(SHARD_SIZES), size=TILE), url)
-        cfg = make_cfg(url, batch=6, iters=5, workers=2, epochs=3,
-                       extra=(f"storage.s3.endpoint_url={s3_server.endpoint}", "data.data_cpus=1"))
+        cfg = make_cfg(
+            url,
+            batch=6,
+            iters=5,
+            workers=2,
+            epochs=3,
+            extra=(f"storage.s3.endpoint_url={s3_server.endpoint}", "data.data_cpus=1"),
+        )
         ds = ingest.training_dataset(cfg, "teacher", basis, runtime_env={"env_vars": s3_server.env()})
         spec = ingest.sample_spec(cfg, "teacher", basis)
     TorchTrainer(

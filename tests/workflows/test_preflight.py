@@ -34,13 +34,16 @@ def local_config(tmp_path: Path, *overrides: str):
     images = tmp_path / "images"
     (images / "train").mkdir(parents=True, exist_ok=True)
     (images / "eval").mkdir(parents=True, exist_ok=True)
-    return load_config(REPO / "workflows/configs/tiny.yaml", [
-        f"storage.root={tmp_path / 'store'}",
-        f"data.train_images={images / 'train'}",
-        f"data.eval_images={images / 'eval'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        *overrides,
-    ])
+    return load_config(
+        REPO / "workflows/configs/tiny.yaml",
+        [
+            f"storage.root={tmp_path / 'store'}",
+            f"data.train_images={images / 'train'}",
+            f"data.eval_images={images / 'eval'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            *overrides,
+        ],
+    )
 
 
 def fails_fast_naming(call, *keys: str) -> str:
@@ -80,8 +83,9 @@ def test_valid_local_config_passes(tmp_path):
 
 
 def test_s3_store_with_unreachable_endpoint_fails_naming_the_keys(tmp_path):
-    cfg = local_config(tmp_path, "storage.root=s3://lightbsr-test/run",
-                       f"storage.s3.endpoint_url=http://127.0.0.1:{closed_port()}")
+    cfg = local_config(
+        tmp_path, "storage.root=s3://lightbsr-test/run", f"storage.s3.endpoint_url=http://127.0.0.1:{closed_port()}"
+    )
     message = fails_fast_naming(lambda: check(cfg), "storage.root", "storage.s3.endpoint_url")
     assert "not reachable" in message
 
@@ -94,8 +98,9 @@ def test_s3_endpoint_from_the_environment_is_named_when_unreachable(tmp_path, mo
 
 @pytest.mark.slow
 def test_s3_store_on_a_running_server_passes(tmp_path, s3_server):
-    cfg = local_config(tmp_path, f"storage.root=s3://{s3_server.bucket}/run",
-                       f"storage.s3.endpoint_url={s3_server.endpoint}")
+    cfg = local_config(
+        tmp_path, f"storage.root=s3://{s3_server.bucket}/run", f"storage.s3.endpoint_url={s3_server.endpoint}"
+    )
     check(cfg)
 
 
@@ -144,8 +149,9 @@ def test_more_gpus_than_this_machine_has_fails_naming_the_key(tmp_path):
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     workers = have + 1
-    cfg = local_config(tmp_path, "train.use_gpu=true", f"train.num_workers={workers}",
-                       f"train.batch_size={2 * workers}")
+    cfg = local_config(
+        tmp_path, "train.use_gpu=true", f"train.num_workers={workers}", f"train.batch_size={2 * workers}"
+    )
     fails_fast_naming(lambda: check(cfg), "train.use_gpu" if have == 0 else "train.num_workers")
 
 
@@ -162,11 +168,22 @@ def test_pipeline_stops_before_any_step_on_an_unreachable_store(tmp_path, capsys
     from workflows.pipeline import main
 
     started = time.monotonic()
-    code = main(["--config", str(REPO / "workflows/configs/tiny.yaml"),
-                 "--set", "storage.root=s3://lightbsr-test/run",
-                 "--set", f"storage.s3.endpoint_url=http://127.0.0.1:{closed_port()}",
-                 "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                 "--set", f"data.train_images={tmp_path}", "--set", f"data.eval_images={tmp_path}"])
+    code = main(
+        [
+            "--config",
+            str(REPO / "workflows/configs/tiny.yaml"),
+            "--set",
+            "storage.root=s3://lightbsr-test/run",
+            "--set",
+            f"storage.s3.endpoint_url=http://127.0.0.1:{closed_port()}",
+            "--set",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "--set",
+            f"data.train_images={tmp_path}",
+            "--set",
+            f"data.eval_images={tmp_path}",
+        ]
+    )
     assert time.monotonic() - started < FAST_S
     assert code != 0
     assert "storage.s3.endpoint_url" in capsys.readouterr().err
@@ -179,11 +196,30 @@ def test_gpu_run_against_an_unreachable_ray_cluster_fails_naming_the_address(tmp
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     started = time.monotonic()
     run = subprocess.run(
-        [sys.executable, "-m", "workflows.pipeline", "--config", "workflows/configs/tiny.yaml",
-         "--set", "train.use_gpu=true", "--set", f"ray.address=127.0.0.1:{port}",
-         "--set", f"storage.root={tmp_path / 'store'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
-         "--set", f"data.train_images={tmp_path}", "--set", f"data.eval_images={tmp_path}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "workflows.pipeline",
+            "--config",
+            "workflows/configs/tiny.yaml",
+            "--set",
+            "train.use_gpu=true",
+            "--set",
+            f"ray.address=127.0.0.1:{port}",
+            "--set",
+            f"storage.root={tmp_path / 'store'}",
+            "--set",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+            "--set",
+            f"data.train_images={tmp_path}",
+            "--set",
+            f"data.eval_images={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert time.monotonic() - started < 30  # interpreter start and imports included
     assert run.returncode != 0

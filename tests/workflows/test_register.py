@@ -42,20 +42,36 @@ def small_student(seed: int = 0) -> Student:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "student"
-    save_checkpoint(path, small_student(), role="student", model_config=MODEL_CONFIG,
-                    pca_basis=torch.zeros(441, 15))
+    save_checkpoint(path, small_student(), role="student", model_config=MODEL_CONFIG, pca_basis=torch.zeros(441, 15))
     return path
 
 
-PER_IMAGE_PSNR = {("a.png", "sigma1.2"): 27.0, ("b.png", "sigma1.2"): 28.0, ("a.png", "sigma2.4"): 25.5,
-                  ("b.png", "sigma2.4"): 26.5, ("a.png", "sigma3.6"): 24.0, ("b.png", "sigma3.6"): 23.0}
+PER_IMAGE_PSNR = {
+    ("a.png", "sigma1.2"): 27.0,
+    ("b.png", "sigma1.2"): 28.0,
+    ("a.png", "sigma2.4"): 25.5,
+    ("b.png", "sigma2.4"): 26.5,
+    ("a.png", "sigma3.6"): 24.0,
+    ("b.png", "sigma3.6"): 23.0,
+}
 
 
 @pytest.fixture(scope="module")
 def eval_table(tmp_path_factory) -> Path:
     """A table as `lightbsr evaluate` writes it, from known per-image scores."""
-    rows = [{"set": "samples", "image": image, "protocol": "iso_x4", "case": case, "psnr": value, "ssim": 0.5,
-             "bicubic_psnr": value - 3, "bicubic_ssim": 0.4} for (image, case), value in PER_IMAGE_PSNR.items()]
+    rows = [
+        {
+            "set": "samples",
+            "image": image,
+            "protocol": "iso_x4",
+            "case": case,
+            "psnr": value,
+            "ssim": 0.5,
+            "bicubic_psnr": value - 3,
+            "bicubic_ssim": 0.4,
+        }
+        for (image, case), value in PER_IMAGE_PSNR.items()
+    ]
     path = tmp_path_factory.mktemp("table") / "table.csv"
     path.write_text(build_tables(rows, ["iso_x4"], params=123).csv)
     return path
@@ -63,8 +79,14 @@ def eval_table(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def registered(mlflow_server, checkpoint, eval_table):
-    cfg = load_config(None, [f"tracking.uri={mlflow_server}", "tracking.experiment=register-test",
-                             "tracking.registered_model=lightbsr-test"])
+    cfg = load_config(
+        None,
+        [
+            f"tracking.uri={mlflow_server}",
+            "tracking.experiment=register-test",
+            "tracking.registered_model=lightbsr-test",
+        ],
+    )
     name, version = register_checkpoint(str(checkpoint), cfg, alias="champion", eval_table=str(eval_table))
     return cfg, name, version
 
@@ -111,9 +133,21 @@ def test_upscale_command_in_a_fresh_process_pulls_the_champion(registered, photo
 
     Image.fromarray(photo).save(tmp_path / "photo.png")
     done = subprocess.run(
-        [str(Path(sys.executable).with_name("lightbsr")), "upscale", "--model", f"models:/{name}@champion",
-         str(tmp_path / "photo.png"), str(tmp_path / "big.png"), "--set", f"tracking.uri={cfg.tracking_uri}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            str(Path(sys.executable).with_name("lightbsr")),
+            "upscale",
+            "--model",
+            f"models:/{name}@champion",
+            str(tmp_path / "photo.png"),
+            str(tmp_path / "big.png"),
+            "--set",
+            f"tracking.uri={cfg.tracking_uri}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     direct = upscale(small_student(), torch.from_numpy(photo)).numpy()
     assert np.array_equal(read_rgb(tmp_path / "big.png"), direct)
@@ -144,8 +178,13 @@ def test_registered_version_carries_tags_alias_signature_and_artifacts(registere
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ref,named", [("models:/no-such-model@champion", "no registered model 'no-such-model'"),
-                                       ("models:/lightbsr-test@no-such-alias", "no alias 'no-such-alias'")])
+@pytest.mark.parametrize(
+    "ref,named",
+    [
+        ("models:/no-such-model@champion", "no registered model 'no-such-model'"),
+        ("models:/lightbsr-test@no-such-alias", "no alias 'no-such-alias'"),
+    ],
+)
 def test_missing_model_or_alias_is_named_and_nothing_is_written(registered, ref, named, photo, tmp_path, capsys):
     cfg = registered[0]
     with pytest.raises(RegistryError, match=named):
@@ -153,8 +192,17 @@ def test_missing_model_or_alias_is_named_and_nothing_is_written(registered, ref,
     from PIL import Image
 
     Image.fromarray(photo).save(tmp_path / "in.png")
-    code = upscale_main(["--model", ref, str(tmp_path / "in.png"), str(tmp_path / "out" / "big.png"),
-                         "--set", f"tracking.uri={cfg.tracking_uri}", "--quiet"])
+    code = upscale_main(
+        [
+            "--model",
+            ref,
+            str(tmp_path / "in.png"),
+            str(tmp_path / "out" / "big.png"),
+            "--set",
+            f"tracking.uri={cfg.tracking_uri}",
+            "--quiet",
+        ]
+    )
     assert code == 1 and named in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -164,9 +212,21 @@ def test_registry_that_is_down_is_named_quickly_and_leaves_no_output(tmp_path, s
     out = tmp_path / "out.png"
     started = time.monotonic()
     done = subprocess.run(
-        [str(Path(sys.executable).with_name("lightbsr")), "upscale", "--model", "models:/lightbsr-x4@champion",
-         str(sample_images / "eval" / "monarch.png"), str(out), "--set", f"tracking.uri={uri}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        [
+            str(Path(sys.executable).with_name("lightbsr")),
+            "upscale",
+            "--model",
+            "models:/lightbsr-x4@champion",
+            str(sample_images / "eval" / "monarch.png"),
+            str(out),
+            "--set",
+            f"tracking.uri={uri}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert f"MLflow tracking server {uri} is not reachable" in done.stderr
     assert time.monotonic() - started < 60

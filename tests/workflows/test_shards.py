@@ -25,8 +25,9 @@ PHOTOS = ("chelsea", "coffee", "rocket")  # 3x2 + 4x3 + 5x3 = 33 tiles -> shards
 
 
 def make_cfg(*extra: str):
-    return load_config(overrides=["data.patch_size=32", f"data.tile_size={TILE}",
-                                  f"data.tiles_per_shard={PER_SHARD}", *extra])
+    return load_config(
+        overrides=["data.patch_size=32", f"data.tile_size={TILE}", f"data.tiles_per_shard={PER_SHARD}", *extra]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,16 +155,39 @@ def test_a_single_bad_file_is_a_clear_error(mixed_dir, tmp_path, capsys):
     folder, _, _ = mixed_dir
     with pytest.raises(ImageError, match="cmyk.jpg: cmyk"):
         write_shards(str(folder / "bad" / "cmyk.jpg"), str(tmp_path / "one"), make_cfg(), progress=False)
-    code = main(["--src", str(folder / "bad" / "truncated.png"), "--dst", str(tmp_path / "two"),
-                 "--set", "data.patch_size=32", "--tile-size", str(TILE), "-q"])
+    code = main(
+        [
+            "--src",
+            str(folder / "bad" / "truncated.png"),
+            "--dst",
+            str(tmp_path / "two"),
+            "--set",
+            "data.patch_size=32",
+            "--tile-size",
+            str(TILE),
+            "-q",
+        ]
+    )
     assert code == 1
     assert "truncated.png: truncated" in capsys.readouterr().err
     assert not (tmp_path / "two" / "shard-00000.parquet").exists()
 
 
 def test_shards_command_shows_progress_and_a_summary(photo_dir, tmp_path, capsys):
-    code = main(["--src", str(photo_dir), "--dst", str(tmp_path / "cli"), "--set", "data.patch_size=32",
-                 "--tile-size", str(TILE), "--tiles-per-shard", str(PER_SHARD)])
+    code = main(
+        [
+            "--src",
+            str(photo_dir),
+            "--dst",
+            str(tmp_path / "cli"),
+            "--set",
+            "data.patch_size=32",
+            "--tile-size",
+            str(TILE),
+            "--tiles-per-shard",
+            str(PER_SHARD),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert "33 tiles in 3 shards" in captured.out and "from 3 images, 0 skipped" in captured.out
@@ -209,15 +233,14 @@ def test_s3_shards_match_the_local_run_byte_for_byte_and_hold_no_credentials(
 
 
 @pytest.mark.slow
-def test_server_killed_mid_write_fails_clearly_and_keeps_finished_shards(
-    s3_server_factory, photo_dir, local_reference
-):
+def test_server_killed_mid_write_fails_clearly_and_keeps_finished_shards(s3_server_factory, photo_dir, local_reference):
     local, _ = local_reference
     server = s3_server_factory("lightbsr-crash")
     prefix = "crash/shards"
     dst = f"s3://{server.bucket}/{prefix}"
-    cfg = make_cfg(f"storage.s3.endpoint_url={server.endpoint}", "storage.s3.retries=2",
-                   "storage.s3.connect_timeout_s=1")
+    cfg = make_cfg(
+        f"storage.s3.endpoint_url={server.endpoint}", "storage.s3.retries=2", "storage.s3.connect_timeout_s=1"
+    )
     finished = []
 
     def kill_after_first_shard(entry):

@@ -27,12 +27,22 @@ PATCH, SCALE, QUEUE = 12, 4, 64
 
 
 def tiny_config(tmp_path, sample_images, *overrides):
-    return load_config(None, [
-        f"storage.root={tmp_path / 'store'}", f"data.eval_images={sample_images / 'eval'}",
-        "model.n_groups=1", "model.n_blocks=1", f"model.queue_size={QUEUE}", f"data.patch_size={PATCH}",
-        "data.tile_size=64", "train.cpus_per_worker=0.5", "schedule.warmup_epochs=0", "train.batch_size=4",
-        *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"storage.root={tmp_path / 'store'}",
+            f"data.eval_images={sample_images / 'eval'}",
+            "model.n_groups=1",
+            "model.n_blocks=1",
+            f"model.queue_size={QUEUE}",
+            f"data.patch_size={PATCH}",
+            "data.tile_size=64",
+            "train.cpus_per_worker=0.5",
+            "schedule.warmup_epochs=0",
+            "train.batch_size=4",
+            *overrides,
+        ],
+    )
 
 
 def in_memory_dataset(ray, sample_images, views, n=32, seed=0):
@@ -43,15 +53,28 @@ def in_memory_dataset(ray, sample_images, views, n=32, seed=0):
 def random_teacher_checkpoint(path):
     torch.manual_seed(1)
     teacher = Teacher(SCALE, 1, 1, 1, QUEUE)
-    model_config = {"scale": SCALE, "setting": 1, "n_groups": 1, "n_blocks": 1, "queue_size": QUEUE,
-                    "momentum": 0.999, "pca_seed": 0}
+    model_config = {
+        "scale": SCALE,
+        "setting": 1,
+        "n_groups": 1,
+        "n_blocks": 1,
+        "queue_size": QUEUE,
+        "momentum": 0.999,
+        "pca_seed": 0,
+    }
     save_checkpoint(path, teacher, role="teacher", model_config=model_config, pca_basis=kernel_pca_basis(0))
     return path
 
 
 def test_two_workers_train_in_lockstep_and_share_one_queue(ray_local, tmp_path, sample_images):
-    cfg = tiny_config(tmp_path, sample_images, "train.num_workers=2", "schedule.epochs=2",
-                      "schedule.phase1_epochs=1", "schedule.iters_per_epoch=4")
+    cfg = tiny_config(
+        tmp_path,
+        sample_images,
+        "train.num_workers=2",
+        "schedule.epochs=2",
+        "schedule.phase1_epochs=1",
+        "schedule.iters_per_epoch=4",
+    )
     result = train_stage(cfg, "teacher", dataset=in_memory_dataset(ray_local, sample_images, views=4), tracking=False)
 
     assert (result.epoch, result.iteration) == (2, 8)
@@ -94,9 +117,16 @@ def test_killed_worker_resumes_from_its_last_checkpoint_and_mlflow_holds_the_run
     teacher = random_teacher_checkpoint(tmp_path / "teacher")
     epochs, iters = 4, 8
     cfg = tiny_config(
-        tmp_path, sample_images, f"tracking.uri={mlflow_server}", f"train.teacher_checkpoint={teacher}",
-        f"schedule.epochs={epochs}", "schedule.phase1_epochs=0", f"schedule.iters_per_epoch={iters}",
-        "train.log_every_steps=1", f"train.image_every_steps={iters}", "train.max_failures=2",
+        tmp_path,
+        sample_images,
+        f"tracking.uri={mlflow_server}",
+        f"train.teacher_checkpoint={teacher}",
+        f"schedule.epochs={epochs}",
+        "schedule.phase1_epochs=0",
+        f"schedule.iters_per_epoch={iters}",
+        "train.log_every_steps=1",
+        f"train.image_every_steps={iters}",
+        "train.max_failures=2",
     )
     dataset = in_memory_dataset(ray_local, sample_images, views=1)
     outcome = {}
@@ -127,8 +157,10 @@ def test_killed_worker_resumes_from_its_last_checkpoint_and_mlflow_holds_the_run
     assert steps == list(range(1, killed_at + 1)) + list(range(restored + 1, epochs * iters + 1))
     before = [m.value for m in history[restored - iters : restored]]
     first_after = history[killed_at].value
-    print(f"\nloss before the kill (last epoch checkpointed): {min(before):.2f}..{max(before):.2f}; "
-          f"first step after restore: {first_after:.2f}")
+    print(
+        f"\nloss before the kill (last epoch checkpointed): {min(before):.2f}..{max(before):.2f}; "
+        f"first step after restore: {first_after:.2f}"
+    )
     assert min(before) / 2 <= first_after <= 2 * max(before)
 
     run_data = client.get_run(run_id).data

@@ -45,8 +45,12 @@ def test_student_sweep_needs_a_fixed_teacher(tmp_path):
 def test_the_papers_values_are_the_first_point():
     cfg = load_config(TINY, ["tune.stage=student", "train.teacher_checkpoint=/x"])
     point = paper_point(cfg, search_space(cfg))
-    assert point == {"loss.kd_temperature": 0.15, "loss.channel_kl_weight": 1.0,
-                     "loss.channel_l1_weight": 0.1, "loss.spatial_weight": 1.0}
+    assert point == {
+        "loss.kd_temperature": 0.15,
+        "loss.channel_kl_weight": 1.0,
+        "loss.channel_l1_weight": 0.1,
+        "loss.spatial_weight": 1.0,
+    }
 
 
 def _mlflow_children(tracking_uri, parent_id):
@@ -58,17 +62,41 @@ def _mlflow_children(tracking_uri, parent_id):
 
 
 def _sweep_command(tmp_path, sample_images):
-    return [sys.executable, "-m", "workflows.tune", "--config", str(TINY),
-            "--set", f"storage.root={tmp_path / 'store'}",
-            "--set", f"data.train_images={sample_images / 'train'}",
-            "--set", f"data.eval_images={sample_images / 'eval'}",
-            "--set", f"tracking.uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
-            # One trial at a time and L1 from the first epoch: ASHA then compares every trial with
-            # the finished ones at each rung, so early stops do not depend on which trial reports first.
-            "--set", "tune.stage=teacher", "--set", "tune.num_samples=4", "--set", "tune.max_concurrent=1",
-            "--set", "tune.grace_period=1", "--set", "tune.reduction_factor=2",
-            "--set", "schedule.epochs=4", "--set", "schedule.phase1_epochs=0", "--set", "schedule.warmup_epochs=0",
-            "--set", "train.cpus_per_worker=0.5"]
+    return [
+        sys.executable,
+        "-m",
+        "workflows.tune",
+        "--config",
+        str(TINY),
+        "--set",
+        f"storage.root={tmp_path / 'store'}",
+        "--set",
+        f"data.train_images={sample_images / 'train'}",
+        "--set",
+        f"data.eval_images={sample_images / 'eval'}",
+        "--set",
+        f"tracking.uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
+        # One trial at a time and L1 from the first epoch: ASHA then compares every trial with
+        # the finished ones at each rung, so early stops do not depend on which trial reports first.
+        "--set",
+        "tune.stage=teacher",
+        "--set",
+        "tune.num_samples=4",
+        "--set",
+        "tune.max_concurrent=1",
+        "--set",
+        "tune.grace_period=1",
+        "--set",
+        "tune.reduction_factor=2",
+        "--set",
+        "schedule.epochs=4",
+        "--set",
+        "schedule.phase1_epochs=0",
+        "--set",
+        "schedule.warmup_epochs=0",
+        "--set",
+        "train.cpus_per_worker=0.5",
+    ]
 
 
 def _ended_trial_runs(tracking_uri, statuses=("FINISHED", "KILLED")):
@@ -80,8 +108,11 @@ def _ended_trial_runs(tracking_uri, statuses=("FINISHED", "KILLED")):
     if experiment is None:
         return {}
     runs = client.search_runs([experiment.experiment_id])
-    return {run.info.run_id: (run.info.end_time, len(client.get_metric_history(run.info.run_id, "epoch/val_psnr")))
-            for run in runs if "sweep.trial" in run.data.tags and run.info.status in statuses}
+    return {
+        run.info.run_id: (run.info.end_time, len(client.get_metric_history(run.info.run_id, "epoch/val_psnr")))
+        for run in runs
+        if "sweep.trial" in run.data.tags and run.info.status in statuses
+    }
 
 
 @pytest.mark.slow
@@ -128,8 +159,10 @@ def test_sweep_stops_trials_early_resumes_and_records_the_best(tmp_path, sample_
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    parents = client.search_runs([client.get_experiment_by_name("lightbsr-tiny").experiment_id],
-                                 filter_string="tags.`sweep.name` = 'lightbsr-tiny-sweep'")
+    parents = client.search_runs(
+        [client.get_experiment_by_name("lightbsr-tiny").experiment_id],
+        filter_string="tags.`sweep.name` = 'lightbsr-tiny-sweep'",
+    )
     assert len(parents) == 1
     parent = parents[0]
     assert "best_val_psnr" in parent.data.metrics

@@ -30,8 +30,9 @@ def student() -> Student:
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model") / "student.pt"
-    save_checkpoint(path, student(), role="student", model_config={"scale": 2, "n_groups": 1, "n_blocks": 1},
-                    pca_basis=None)
+    save_checkpoint(
+        path, student(), role="student", model_config={"scale": 2, "n_groups": 1, "n_blocks": 1}, pca_basis=None
+    )
     return str(path)
 
 
@@ -61,7 +62,9 @@ def test_format_option_converts_and_a_folder_keeps_its_layout(tmp_path, model_pa
     Image.fromarray(photo).save(tmp_path / "in" / "a.png")
     Image.fromarray(photo[:, ::-1]).save(tmp_path / "in" / "sub" / "b.jpg", quality=95)
     (tmp_path / "in" / "notes.txt").write_text("not an image, and not listed")
-    assert main(["--model", model_path, str(tmp_path / "in"), str(tmp_path / "out"), "--format", "webp", "--quiet"]) == 0
+    assert (
+        main(["--model", model_path, str(tmp_path / "in"), str(tmp_path / "out"), "--format", "webp", "--quiet"]) == 0
+    )
     assert files_under(tmp_path / "out") == ["a.webp", "sub/b.webp"]
     with Image.open(tmp_path / "out" / "a.webp") as image:
         assert image.format == "WEBP"
@@ -84,8 +87,13 @@ def bad_inputs(folder: Path, photo: np.ndarray) -> dict[str, str]:
     Image.fromarray(photo[..., 0].astype(np.uint16) * 257).save(buffer, format="PNG")
     (folder / "deep.png").write_bytes(buffer.getvalue())
     (folder / "empty.png").write_bytes(b"")
-    return {"text.png": "not an image", "tiny.png": "1x1 pixels", "alpha.png": "alpha channel",
-            "deep.png": "16-bit", "empty.png": "empty"}
+    return {
+        "text.png": "not an image",
+        "tiny.png": "1x1 pixels",
+        "alpha.png": "alpha channel",
+        "deep.png": "16-bit",
+        "empty.png": "empty",
+    }
 
 
 def test_bad_images_are_named_and_leave_no_output(tmp_path, model_path, photo, capsys):
@@ -110,8 +118,10 @@ def test_a_bad_image_in_a_folder_stops_the_run_without_partial_files(tmp_path, m
 def test_missing_or_wrong_model_is_named(tmp_path, photo, capsys):
     Image.fromarray(photo).save(tmp_path / "in.png")
     (tmp_path / "junk.pt").write_text("junk")
-    for model, words in ((str(tmp_path / "nope.pt"), "nope.pt does not exist"),
-                         (str(tmp_path / "junk.pt"), "junk.pt is not a readable torch checkpoint")):
+    for model, words in (
+        (str(tmp_path / "nope.pt"), "nope.pt does not exist"),
+        (str(tmp_path / "junk.pt"), "junk.pt is not a readable torch checkpoint"),
+    ):
         assert main(["--model", model, str(tmp_path / "in.png"), str(tmp_path / "out.png"), "--quiet"]) == 1
         assert words in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists()
@@ -140,5 +150,7 @@ def test_folder_url_in_and_out_of_s3_with_the_model_on_s3(s3_server, model_path,
 
 def encode(pixels: np.ndarray, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    Image.fromarray(np.ascontiguousarray(pixels)).save(
+        buffer, format=fmt, **({"lossless": True} if fmt == "WEBP" else {})
+    )
     return buffer.getvalue()
