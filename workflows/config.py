@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from workflows.urls import is_remote
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -217,13 +219,9 @@ class Config(_Strict):
             return self.tracking.uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        if _is_remote(self.storage.root):
+        if is_remote(self.storage.root):
             raise ConfigError("tracking.uri must be set when storage.root is remote (no local sqlite store)")
         return f"sqlite:///{Path(self.storage.root, 'mlflow.db')}"
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
 
 
 def _absolute(url: str | None, base: Path) -> str | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from workflows.config import Config, ConfigError
+from workflows.urls import is_remote
 
 __all__ = ["check", "check_endpoints", "check_folders", "check_gpu", "check_tracking"]
 
@@ -53,11 +54,6 @@ def _value(cfg: Config, key: str) -> str | None:
     return getattr(getattr(cfg, section), name)
 
 
-def _is_local(url: str) -> bool:
-    """A plain path or file:// URL (not s3://, http://, runs:/ ...)."""
-    return urlsplit(url).scheme in ("", "file")
-
-
 def _local_path(url: str) -> Path:
     return Path(url.removeprefix("file://"))
 
@@ -69,15 +65,15 @@ def check_folders(cfg: Config, *, skip: Collection[str] = ()) -> None:
     """Input folders exist, the teacher checkpoint exists, the storage root can be written."""
     for key in INPUT_FOLDER_KEYS:
         url = _value(cfg, key)
-        if key in skip or url is None or not _is_local(url):
+        if key in skip or url is None or is_remote(url):
             continue
         if not _local_path(url).is_dir():
             raise ConfigError(f"{key}: folder {url} does not exist")
     checkpoint = cfg.train.teacher_checkpoint
-    if "train.teacher_checkpoint" not in skip and checkpoint and _is_local(checkpoint):
+    if "train.teacher_checkpoint" not in skip and checkpoint and not is_remote(checkpoint):
         if not _local_path(checkpoint).exists():
             raise ConfigError(f"train.teacher_checkpoint: {checkpoint} does not exist")
-    if "storage.root" not in skip and _is_local(cfg.storage.root):
+    if "storage.root" not in skip and not is_remote(cfg.storage.root):
         _check_writable("storage.root", _local_path(cfg.storage.root))
 
 
@@ -123,7 +119,7 @@ def check_endpoints(cfg: Config, *, skip: Collection[str] = ()) -> None:
     origin: dict[str, str] = {}
     for key in URL_KEYS:
         url = _value(cfg, key)
-        if key in skip or url is None or _is_local(url):
+        if key in skip or url is None or not is_remote(url):
             continue
         found = _endpoint_of(url, cfg)
         if found is None:

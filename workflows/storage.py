@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import pyarrow.fs as pafs
 
 from workflows.config import S3Config
+from workflows.urls import is_s3, join, local_path, redact
 
 __all__ = [
     "StorageError",
@@ -54,33 +54,13 @@ class StorageError(OSError):
     """An object-store or filesystem operation that failed after its bounded retries."""
 
 
-def is_s3(url: str) -> bool:
-    return url.startswith(("s3://", "s3a://"))
-
-
 def _local_path(url: str) -> str:
-    path = url[len("file://") :] if url.startswith("file://") else url
-    return os.path.abspath(os.path.expanduser(path))
+    return str(local_path(url))
 
 
 def _s3_path(url: str) -> str:
     """`s3://bucket/key` -> `bucket/key` (the form both pyarrow and s3fs take)."""
     return url.split("://", 1)[1].strip("/")
-
-
-def redact(url: str) -> str:
-    """The URL without any user:password part, safe to log or store."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def join(url: str, *parts: str) -> str:
-    """`join("s3://b/p", "x", "y.png") -> "s3://b/p/x/y.png"`; local paths stay local paths."""
-    if "://" in url:
-        return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
-    return str(Path(url, *parts))
 
 
 def s3_endpoint(cfg: S3Config | None) -> str | None:
