@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
+
+from workflows.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, RuntimeFailure, UsageError
+from workflows.urls import redact_text
 
 COMMANDS = {
     "samples": ("workflows.samples", "put real sample photographs into a folder"),
@@ -26,6 +30,25 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, prog: str = "lightbsr") -> int:
+    """Call a command's `main` and turn what it raises into one line on stderr and an exit code.
+
+    The one error path of every command (`lightbsr X` and `python -m workflows.X`); see
+    `workflows.errors` for the codes. Messages are redacted: no URL userinfo reaches the terminal.
+    """
+    try:
+        return int(main(argv) or EXIT_OK)
+    except UsageError as error:
+        print(f"{prog}: error: {redact_text(str(error))}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RuntimeFailure, OSError) as error:
+        print(f"{prog}: failed: {redact_text(str(error))}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
@@ -34,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"lightbsr: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from workflows.runtime import set_quiet_env
 
     set_quiet_env()
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return run(module.main, rest, prog=f"lightbsr {name}")
 
 
 if __name__ == "__main__":

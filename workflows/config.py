@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from workflows.errors import UsageError
 from workflows.urls import is_remote
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration problem, with a message that names the offending key."""
 
 
