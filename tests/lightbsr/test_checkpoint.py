@@ -9,6 +9,8 @@ from lightbsr.checkpoint import CheckpointError, describe_reference_state_dict, 
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
 
+pytestmark = pytest.mark.unit
+
 SMALL = {"scale": 2, "setting": 1, "n_groups": 1, "n_blocks": 2, "queue_size": 16, "momentum": 0.99, "pca_seed": 3}
 
 

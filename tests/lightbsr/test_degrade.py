@@ -24,6 +24,8 @@ from lightbsr.degrade import (
     save_pca_basis,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def basis() -> torch.Tensor:

@@ -16,6 +16,8 @@ from lightbsr.images import (
 )
 from tests.fixtures.images import bad_images, exif_rotated_jpeg
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def photo(sample_images) -> np.ndarray:

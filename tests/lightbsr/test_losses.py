@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from lightbsr.losses import channel_distillation_loss, contrastive_loss, l1_255, spatial_distillation_loss
 
+pytestmark = pytest.mark.unit
+
 
 def _normalised(*shape, seed):
     g = torch.Generator().manual_seed(seed)

@@ -7,6 +7,8 @@ from torch import nn
 from lightbsr import Student
 from lightbsr.macs import count_macs
 
+pytestmark = pytest.mark.unit
+
 
 def test_counter_matches_hand_counted_conv_and_linear_macs():
     model = nn.Sequential(

@@ -11,6 +11,8 @@ from skimage.metrics import structural_similarity
 
 from lightbsr.metrics import psnr, ssim
 
+pytestmark = pytest.mark.unit
+
 Y_WEIGHTS = np.array([65.738, 129.057, 25.064])
 
 

@@ -8,6 +8,8 @@ from lightbsr import Student, Teacher
 from lightbsr.generator import Generator
 from lightbsr.macs import count_parameters, count_trainable_parameters
 
+pytestmark = pytest.mark.unit
+
 MEAN_SHIFT_PARAMETERS = 2 * (9 + 3)  # the authors' two frozen 1x1 MeanShift convs
 
 

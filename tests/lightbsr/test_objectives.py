@@ -15,6 +15,8 @@ from lightbsr.student import Student
 from lightbsr.teacher import Teacher
 from tests.lightbsr.real_batches import as_float_batch, blind_blur_eval_set, degraded_examples
 
+pytestmark = pytest.mark.unit
+
 SCALE = 4
 
 

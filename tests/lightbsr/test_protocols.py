@@ -13,6 +13,8 @@ import torch
 from lightbsr.degrade import anisotropic_gaussian_kernel, degrade, isotropic_gaussian_kernel, kernel_pca_basis
 from lightbsr.protocols import PROTOCOLS, case_seed, crop_to_scale, get_protocol
 
+pytestmark = pytest.mark.unit
+
 SPEC_ANISO_KERNELS = [
     (0, 2.0, 0.5), (10, 2.0, 1.0), (30, 3.5, 1.5), (45, 3.5, 2.0), (90, 3.5, 2.0),
     (120, 4.0, 1.5), (135, 4.0, 2.0), (165, 4.0, 3.0), (180, 4.0, 4.0),

@@ -6,6 +6,8 @@ import torch
 from lightbsr import Student, Teacher
 from lightbsr.reference import ReferenceCheckpointError, export_reference_state_dict, load_reference_checkpoint
 
+pytestmark = pytest.mark.unit
+
 STUDENTS = [("student_x4", 4), ("student_x2", 2), ("student_x3", 3)]
 TOLERANCE = 1e-4
 

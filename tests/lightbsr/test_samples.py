@@ -11,6 +11,8 @@ import lightbsr.samples as samples
 from lightbsr.images import read_rgb
 from lightbsr.samples import SAMPLES, extract_samples
 
+pytestmark = pytest.mark.unit
+
 
 def test_every_sample_is_an_rgb_photograph_large_enough_to_train_on(sample_images):
     for sample in SAMPLES:
@@ -92,6 +94,7 @@ def test_a_missing_file_is_extracted_again_from_its_wheel(sample_images, tmp_pat
     assert (dest / "ATTRIBUTION").read_text() == (sample_images / "ATTRIBUTION").read_text()
 
 
+@pytest.mark.e2e
 def test_samples_command_reports_what_it_did(sample_images, tmp_path, capsys):
     from workflows.samples import main
 

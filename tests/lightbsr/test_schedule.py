@@ -7,6 +7,8 @@ import pytest
 
 from lightbsr.schedule import learning_rate, phase_of
 
+pytestmark = pytest.mark.unit
+
 PAPER = SimpleNamespace(epochs=700, phase1_epochs=100, warmup_epochs=5, lr=2e-4, min_lr=1e-6)
 
 

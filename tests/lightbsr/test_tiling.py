@@ -10,6 +10,8 @@ from lightbsr.images import read_rgb
 from lightbsr.student import Student
 from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, blend_ramp, tile_starts, upscale, upscale_tiled
 
+pytestmark = pytest.mark.unit
+
 CODE_GAIN = 10.0  # a trained student's codes steer the output; default-initialised codes barely do
 
 

@@ -19,6 +19,8 @@ import yaml
 from tests.fixtures.paths import REPO
 from workflows.config import ConfigError, load_config
 
+pytestmark = pytest.mark.unit
+
 CLUSTER = REPO / "cluster"
 CONFIGS = REPO / "workflows" / "configs"
 LAUNCHER = CLUSTER / "aws.yaml"

@@ -4,6 +4,8 @@ import pytest
 
 from workflows.config import ConfigError, flatten_config, load_config
 
+pytestmark = pytest.mark.unit
+
 
 def write(tmp_path, text):
     path = tmp_path / "cfg.yaml"

@@ -18,6 +18,8 @@ from lightbsr.student import Student
 from workflows.config import load_config
 from workflows.evaluate import BICUBIC, OURS, evaluate_model, probe_scores
 
+pytestmark = pytest.mark.unit
+
 
 def y_psnr(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
     """Independent benchmark PSNR: 8-bit SR, Y = RGB . (65.738, 129.057, 25.064) / 256, border cut."""
@@ -120,7 +122,7 @@ def logged_local_run(parity_checkpoint, parity_vectors, sample_images, mlflow_se
     return cfg, result, folder
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_parity_model_tables_are_identical_locally_and_through_ray_data(logged_local_run, parity_checkpoint, ray_local):
     cfg, local, _ = logged_local_run
     remote = evaluate_model(str(parity_checkpoint), cfg, local=False, idr=False, log=False)
@@ -130,7 +132,7 @@ def test_parity_model_tables_are_identical_locally_and_through_ray_data(logged_l
     assert "| Bicubic | - |" in local.tables.markdown and f"| {OURS} | 3.26M |" in local.tables.markdown
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_idr_discriminability_and_tables_are_logged_to_mlflow(logged_local_run, mlflow_server, tmp_path):
     import mlflow
 

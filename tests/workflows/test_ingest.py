@@ -22,6 +22,8 @@ from lightbsr.images import encode_png
 from workflows import ingest, storage
 from workflows.config import load_config
 
+pytestmark = pytest.mark.unit
+
 TILE = 32  # HR tile side in the test shards
 SHARD_SIZES = (7, 5, 9, 3, 6)  # uneven on purpose; T = 30 tiles
 
@@ -230,7 +232,7 @@ def test_incomplete_shards_are_refused(sample_images, basis, tmp_path):
 # ----------------------------------------------------------------------------- Ray
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_ray_dataset_rows_equal_the_planned_chunks(ray_local, shard_url, basis):
     cfg = make_cfg(shard_url, batch=6, iters=2, epochs=3)
     ds = ingest.training_dataset(cfg, "teacher", basis, start_epoch=1)
@@ -263,7 +265,7 @@ def _collect_tile_ids(config: dict) -> None:
     out.write_text(json.dumps({"epochs": epochs, "shapes": [list(map(str, s)) for s in shapes], "leftover": leftover}))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_train_workers_get_every_tile_once_per_epoch_from_s3(ray_local, s3_server, hr_tile, basis, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

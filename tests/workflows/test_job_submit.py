@@ -14,7 +14,7 @@ import pytest
 from tests.fixtures.mlflow_server import free_port, stop_process, wait_http
 from tests.fixtures.paths import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 

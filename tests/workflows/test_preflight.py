@@ -13,6 +13,8 @@ from tests.fixtures.paths import REPO
 from workflows.config import ConfigError, load_config
 from workflows.preflight import check
 
+pytestmark = pytest.mark.unit
+
 FAST_S = 10.0  # generous: each of these checks answers in well under a second here
 
 
@@ -96,7 +98,7 @@ def test_s3_endpoint_from_the_environment_is_named_when_unreachable(tmp_path, mo
     fails_fast_naming(lambda: check(cfg), "data.train_images", "AWS_ENDPOINT_URL")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_s3_store_on_a_running_server_passes(tmp_path, s3_server):
     cfg = local_config(
         tmp_path, f"storage.root=s3://{s3_server.bucket}/run", f"storage.s3.endpoint_url={s3_server.endpoint}"
@@ -139,7 +141,7 @@ def test_remote_store_without_any_tracking_uri_fails_naming_it(tmp_path):
     fails_fast_naming(lambda: check(cfg, skip={"storage.root"}), "tracking.uri")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_running_mlflow_server_passes(tmp_path, mlflow_server):
     check(local_config(tmp_path, f"tracking.uri={mlflow_server}"))
 
@@ -155,7 +157,7 @@ def test_more_gpus_than_this_machine_has_fails_naming_the_key(tmp_path):
     fails_fast_naming(lambda: check(cfg), "train.use_gpu" if have == 0 else "train.num_workers")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_gpu_asked_for_on_a_ray_cluster_without_one_fails_naming_the_key(tmp_path, ray_local):
     if ray_local.cluster_resources().get("GPU", 0):
         pytest.skip("this Ray cluster has GPUs")

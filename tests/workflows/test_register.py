@@ -25,6 +25,8 @@ from workflows.register import RegistryError, fetch_checkpoint, register_checkpo
 from workflows.register import main as register_main
 from workflows.upscale import main as upscale_main
 
+pytestmark = pytest.mark.unit
+
 MODEL_CONFIG = {"scale": 2, "setting": 1, "n_groups": 1, "n_blocks": 2}
 
 
@@ -101,7 +103,7 @@ def fresh_python(code: str, uri: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_pyfunc_pulled_by_alias_in_a_fresh_process_equals_the_direct_output(registered, photo, checkpoint, tmp_path):
     cfg, name, _ = registered
     np.save(tmp_path / "in.npy", photo[None])
@@ -126,7 +128,7 @@ def test_pyfunc_pulled_by_alias_in_a_fresh_process_equals_the_direct_output(regi
     assert np.array_equal(pulled[0], direct)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_upscale_command_in_a_fresh_process_pulls_the_champion(registered, photo, sample_images, tmp_path):
     cfg, name, _ = registered
     from PIL import Image
@@ -153,7 +155,7 @@ def test_upscale_command_in_a_fresh_process_pulls_the_champion(registered, photo
     assert np.array_equal(read_rgb(tmp_path / "big.png"), direct)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_registered_version_carries_tags_alias_signature_and_artifacts(registered, tmp_path):
     from mlflow import MlflowClient
 
@@ -177,7 +179,7 @@ def test_registered_version_carries_tags_alias_signature_and_artifacts(registere
     assert (model_file.parent / "table.csv").is_file()  # the evaluation table travels with the model
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "ref,named",
     [

@@ -19,6 +19,8 @@ from workflows.config import load_config
 from workflows.shards import MANIFEST_NAME, SHARD_SCHEMA, ShardsError, main, write_shards
 from workflows.storage import StorageError
 
+pytestmark = pytest.mark.unit
+
 TILE = 128
 PER_SHARD = 16
 PHOTOS = ("chelsea", "coffee", "rocket")  # 3x2 + 4x3 + 5x3 = 33 tiles -> shards of 16, 16, 1
@@ -173,6 +175,7 @@ def test_a_single_bad_file_is_a_clear_error(mixed_dir, tmp_path, capsys):
     assert not (tmp_path / "two" / "shard-00000.parquet").exists()
 
 
+@pytest.mark.e2e
 def test_shards_command_shows_progress_and_a_summary(photo_dir, tmp_path, capsys):
     code = main(
         [
@@ -205,7 +208,7 @@ def s3_body(server, prefix, name):
     return server.client().get_object(Bucket=server.bucket, Key=f"{prefix}/{name}")["Body"].read()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_s3_shards_match_the_local_run_byte_for_byte_and_hold_no_credentials(
     s3_server, photo_dir, local_reference, capfd, caplog
 ):
@@ -232,7 +235,7 @@ def test_s3_shards_match_the_local_run_byte_for_byte_and_hold_no_credentials(
     assert s3_server.secret_key not in caplog.text  # botocore's own DEBUG log names the key id, never the secret
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_server_killed_mid_write_fails_clearly_and_keeps_finished_shards(s3_server_factory, photo_dir, local_reference):
     local, _ = local_reference
     server = s3_server_factory("lightbsr-crash")

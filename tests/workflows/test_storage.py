@@ -10,6 +10,8 @@ from workflows import storage
 from workflows.config import S3Config
 from workflows.storage import StorageError
 
+pytestmark = pytest.mark.unit
+
 
 def test_join_keeps_urls_and_local_paths_apart(tmp_path):
     assert storage.join("s3://bucket/prefix/", "shards", "/x.parquet") == "s3://bucket/prefix/shards/x.parquet"
@@ -30,7 +32,7 @@ def test_local_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_p
         storage.read_bytes(str(tmp_path / "missing.bin"))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_s3_round_trip_with_credentials_from_the_environment(s3_server):
     base = f"s3://{s3_server.bucket}/storage-test"
     with s3_server.environment():
@@ -48,7 +50,7 @@ def test_s3_round_trip_with_credentials_from_the_environment(s3_server):
     assert body == b"22"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_endpoint_from_the_config_overrides_the_environment(s3_server, monkeypatch):
     with s3_server.environment():
         monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
@@ -60,7 +62,7 @@ def test_endpoint_from_the_config_overrides_the_environment(s3_server, monkeypat
         assert fs.get_file_info(path).size == 3
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_wrong_secret_is_a_clear_error_that_does_not_echo_it(s3_server, monkeypatch):
     wrong = "not-the-secret-" + "x" * 20
     with s3_server.environment():

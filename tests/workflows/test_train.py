@@ -21,7 +21,7 @@ from tests.lightbsr.real_batches import degraded_examples
 from workflows.config import load_config
 from workflows.train import latest_checkpoint, main, stage_run_name, train_stage
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 PATCH, SCALE, QUEUE = 12, 4, 64
 

@@ -15,6 +15,8 @@ from tests.fixtures.paths import REPO
 from workflows.config import ConfigError, load_config
 from workflows.tune import paper_point, run_sweep, search_space
 
+pytestmark = pytest.mark.unit
+
 TINY = REPO / "workflows" / "configs" / "tiny.yaml"
 
 
@@ -115,7 +117,7 @@ def _ended_trial_runs(tracking_uri, statuses=("FINISHED", "KILLED")):
     }
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sweep_stops_trials_early_resumes_and_records_the_best(tmp_path, sample_images):
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")

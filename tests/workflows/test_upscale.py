@@ -16,6 +16,8 @@ from lightbsr.student import Student
 from lightbsr.tiling import upscale
 from workflows.upscale import main
 
+pytestmark = pytest.mark.e2e
+
 
 def student() -> Student:
     torch.manual_seed(0)
@@ -127,7 +129,6 @@ def test_missing_or_wrong_model_is_named(tmp_path, photo, capsys):
     assert not (tmp_path / "out.png").exists()
 
 
-@pytest.mark.slow
 def test_folder_url_in_and_out_of_s3_with_the_model_on_s3(s3_server, model_path, photo, tmp_path):
     client = s3_server.client()
     client.put_object(Bucket=s3_server.bucket, Key="up/models/student.pt", Body=Path(model_path).read_bytes())
