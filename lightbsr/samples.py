@@ -255,8 +255,7 @@ def _write_attribution(dest: Path, samples: tuple[Sample, ...]) -> Path:
     path = dest / "ATTRIBUTION"
     text = attribution_text(samples)
     if not path.is_file() or path.read_text() != text:
-        handle = tempfile.NamedTemporaryFile("w", dir=dest, prefix=".ATTRIBUTION.", delete=False)
-        with handle:
+        with tempfile.NamedTemporaryFile("w", dir=dest, prefix=".ATTRIBUTION.", delete=False) as handle:
             handle.write(text)
         Path(handle.name).chmod(0o644)
         Path(handle.name).replace(path)

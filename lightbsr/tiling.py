@@ -67,7 +67,7 @@ def _shared(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
     """(pixels shared with the previous window, with the next window) for each window of an axis."""
     ends = [min(start + tile, length) for start in starts]
     before = [0] + [ends[i - 1] - starts[i] for i in range(1, len(starts))]
-    return list(zip(before, before[1:] + [0]))
+    return list(zip(before, [*before[1:], 0]))
 
 
 def _check_tiling(lr: torch.Tensor, tile: int, overlap: int) -> None:

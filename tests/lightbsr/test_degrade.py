@@ -283,7 +283,7 @@ def test_bad_kernels_are_rejected_with_their_shape():
         degrade(hr, torch.rand(1, 21, 20), 4)
     with pytest.raises(ValueError, match=r"\(1, 20, 20\)"):
         degrade(hr, torch.rand(1, 20, 20), 4)
-    with pytest.raises(ValueError, match="size.*20"):
+    with pytest.raises(ValueError, match=r"size.*20"):
         isotropic_gaussian_kernel(1.0, size=20)
 
 
@@ -309,7 +309,7 @@ def test_bad_image_sizes_are_rejected_with_their_size(basis):
         sampler.degrade_views(torch.rand(1, 2, 3, 66, 64), sampler.sample(1), None)
     with pytest.raises(ValueError, match="expected 2 degradations"):
         sampler.degrade_views(torch.rand(2, 2, 3, 64, 64), sampler.sample(1), None)
-    with pytest.raises(ValueError, match="setting.*3"):
+    with pytest.raises(ValueError, match=r"setting.*3"):
         DegradationSampler(4, 3, basis)
 
 

@@ -126,5 +126,5 @@ def test_bad_metric_inputs_are_rejected():
         psnr(sr[..., :50], hr, 4)
     with pytest.raises(ValueError, match="sr"):
         ssim(sr[:, :1], hr[:, :1], 4)
-    with pytest.raises(ValueError, match="16x16.*border of 4"):
+    with pytest.raises(ValueError, match=r"16x16.*border of 4"):
         ssim(sr[..., :16, :16], hr[..., :16, :16], 4)

@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from lightbsr.degrade import anisotropic_gaussian_kernel, degrade, isotropic_gaussian_kernel, kernel_pca_basis
+from lightbsr.degrade import degrade, kernel_pca_basis
 from lightbsr.protocols import PROTOCOLS, case_seed, crop_to_scale, get_protocol
 
 pytestmark = pytest.mark.unit
@@ -45,12 +46,24 @@ def test_registry_holds_the_published_protocols():
         assert len(set(names)) == len(names)
 
 
-def test_case_kernels_follow_the_kernel_conventions():
-    aniso = get_protocol("aniso_x4").case("t30_l3.5_l1.5_n5")
-    expected = anisotropic_gaussian_kernel(math.radians(30), 3.5, 1.5)[0]
-    assert aniso.kernel().shape == (21, 21)
-    assert torch.equal(aniso.kernel(), expected)
-    assert torch.equal(get_protocol("iso_x4").case("sigma2.4").kernel(), isotropic_gaussian_kernel(2.4)[0])
+def _gaussian_by_numpy(covariance: np.ndarray, size: int = 21) -> np.ndarray:
+    """exp(-x^T C^-1 x / 2) on a size x size grid centred on the middle tap, x = (column, row), normalised."""
+    offsets = np.arange(size) - size // 2
+    cols, rows = np.meshgrid(offsets, offsets)  # (size, size): column offset, row offset
+    points = np.stack([cols, rows], axis=-1).astype(np.float64)
+    density = np.exp(-0.5 * np.einsum("...i,ij,...j->...", points, np.linalg.inv(covariance), points))
+    return density / density.sum()
+
+
+def test_case_kernels_are_the_gaussians_of_their_parameters():
+    theta = math.radians(30)
+    rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    covariance = rotation @ np.diag([3.5**2, 1.5**2]) @ rotation.T
+    aniso = get_protocol("aniso_x4").case("t30_l3.5_l1.5_n5").kernel()
+    assert aniso.shape == (21, 21) and aniso.dtype == torch.float32
+    np.testing.assert_allclose(aniso.numpy(), _gaussian_by_numpy(covariance), atol=1e-7)
+    iso = get_protocol("iso_x4").case("sigma2.4").kernel()
+    np.testing.assert_allclose(iso.numpy(), _gaussian_by_numpy(np.eye(2) * 2.4**2), atol=1e-7)
 
 
 def test_case_kernel_matches_reference_vector(parity_vectors):
@@ -68,15 +81,20 @@ def test_priors_have_the_width_of_the_setting(basis):
     assert torch.equal(aniso.prior(case, basis)[15:], torch.tensor([10.0, 10.0, 10.0]))
 
 
-def test_make_lr_crops_to_the_scale_and_uses_the_training_pipeline():
+def test_make_pair_crops_to_the_scale_and_gives_the_reference_lr(parity_vectors):
+    """The authors' pipeline made `lr_x4_iso_s1.2` from the 48x60 `hr`; pad that HR to 50x61 and
+    the protocol must crop it back (top-left) and give the same LR pixels."""
+    vectors = parity_vectors["degradation"]
+    hr = vectors["hr"][0] / 255.0  # (3, 48, 60)
+    padded = torch.cat([hr, torch.rand(3, 2, 60)], dim=1)
+    padded = torch.cat([padded, torch.rand(3, 50, 1)], dim=2)  # (3, 50, 61): not multiples of 4
     protocol = get_protocol("iso_x4")
-    case = protocol.case("sigma1.2")
-    hr = _hr(0)
-    cropped, lr = protocol.make_pair(hr, case, "img")
-    assert cropped.shape == (3, 48, 60) and lr.shape == (3, 12, 15)
-    assert torch.equal(cropped, hr[:, :48, :60])
-    assert torch.equal(lr, degrade(hr[None, :, :48, :60], case.kernel(), 4)[0])
-    assert torch.equal(protocol.make_lr(hr[None], case, "img"), lr[None])
+    cropped, lr = protocol.make_pair(padded, protocol.case("sigma1.2"), "img")
+    assert torch.equal(cropped, hr)
+    levels = ((lr - vectors["lr_x4_iso_s1.2"][0]) * 255.0).round().abs()
+    assert lr.shape == (3, 12, 15) and levels.max() <= 1  # off by one level only on rounding boundaries
+    assert (levels > 0).float().mean() < 0.01
+    assert torch.equal(protocol.make_lr(padded[None], protocol.case("sigma1.2"), "img"), lr[None])
 
 
 def test_make_lr_is_deterministic_per_image_and_case():
@@ -111,10 +129,10 @@ def test_case_seed_does_not_depend_on_python_hash_randomisation():
 def test_unknown_names_and_bad_images_are_rejected():
     with pytest.raises(ValueError, match="aniso_x4, gaussian8, iso_x4"):
         get_protocol("iso_x3")
-    with pytest.raises(ValueError, match="sigma9.9.*sigma1.2"):
+    with pytest.raises(ValueError, match=r"sigma9\.9.*sigma1\.2"):
         get_protocol("iso_x4").case("sigma9.9")
     protocol = get_protocol("iso_x4")
-    with pytest.raises(ValueError, match="3x3.*scale 4"):
+    with pytest.raises(ValueError, match=r"3x3.*scale 4"):
         crop_to_scale(torch.rand(3, 3, 3), 4)
-    with pytest.raises(ValueError, match="tiny.png"):
+    with pytest.raises(ValueError, match=r"tiny\.png"):
         protocol.make_lr(torch.rand(1, 64, 64), protocol.cases[0], "tiny.png")

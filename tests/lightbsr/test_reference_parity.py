@@ -86,9 +86,9 @@ def test_wrong_role_or_scale_is_rejected(parity_vectors):
         ReferenceCheckpointError, match=r"missing keys \['E\.encoder_k\.E\.0\.bias'.*unexpected keys \['E\.E\.0\.bias'"
     ):
         load_reference_checkpoint(student_x4, role="teacher", scale=4)
-    with pytest.raises(ReferenceCheckpointError, match="G.tail.0.2.weight"):  # a x4 tail has a second stage
+    with pytest.raises(ReferenceCheckpointError, match=r"G\.tail\.0\.2\.weight"):  # a x4 tail has a second stage
         load_reference_checkpoint(student_x4, role="student", scale=2)
-    with pytest.raises(ReferenceCheckpointError, match="E.encoder_q.E.0.weight"):  # 18 input channels, not 21
+    with pytest.raises(ReferenceCheckpointError, match=r"E\.encoder_q\.E\.0\.weight"):  # 18 input channels, not 21
         load_reference_checkpoint(
             parity_vectors["teacher_x4_setting1"]["state_dict"], role="teacher", scale=4, setting=2
         )

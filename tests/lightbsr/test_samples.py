@@ -107,5 +107,5 @@ def test_samples_command_reports_what_it_did(sample_images, tmp_path, capsys):
 
 def test_an_unknown_wheel_member_is_a_clear_error(tmp_path):
     bogus = samples.Sample("train", "nothing", "sporco", "0.2.2.post1", "sporco/data/nothing.png", "-", "-")
-    with pytest.raises(samples.SampleError, match="holds no sporco/data/nothing.png"):
+    with pytest.raises(samples.SampleError, match=r"holds no sporco/data/nothing\.png"):
         extract_samples(tmp_path, samples=(bogus,))

@@ -1,5 +1,6 @@
 """The learning-rate rule at its boundaries (paper numbers: 100 + 5 warm-up + cosine to 700)."""
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -24,18 +25,35 @@ def test_warm_up_is_linear_over_epochs_101_to_105(epoch, fraction):
     assert phase_of(epoch, PAPER) == 2
 
 
-def test_cosine_runs_from_the_peak_to_min_lr_at_the_last_epoch():
-    assert learning_rate(106, PAPER) == pytest.approx(1e-6 + (2e-4 - 1e-6) * (1 + math.cos(math.pi / 595)) / 2)
-    midpoint = 105 + 595 / 2
-    assert learning_rate(int(midpoint), PAPER) == pytest.approx(
-        1e-6 + (2e-4 - 1e-6) * (1 + math.cos(math.pi * (int(midpoint) - 105) / 595)) / 2
-    )
-    assert learning_rate(700, PAPER) == pytest.approx(1e-6)
+def test_cosine_hits_its_closed_form_values():
+    """8 cosine epochs (6..13) from lr 1 to 0: (1 + cos(pi k / 8)) / 2 = cos^2(pi k / 16), written with square roots."""
+    short = SimpleNamespace(epochs=13, phase1_epochs=2, warmup_epochs=3, lr=1.0, min_lr=0.0)
+    expected = {
+        5: 1.0,  # end of the warm-up: the peak
+        6: (2 + math.sqrt(2 + math.sqrt(2))) / 4,  # cos^2(pi/16)
+        7: (2 + math.sqrt(2)) / 4,  # cos^2(pi/8)
+        9: 0.5,  # half way
+        11: (2 - math.sqrt(2)) / 4,
+        12: (2 - math.sqrt(2 + math.sqrt(2))) / 4,
+        13: 0.0,
+    }
+    for epoch, rate in expected.items():
+        assert learning_rate(epoch, short) == pytest.approx(rate, abs=1e-12), epoch
+
+
+def test_paper_cosine_is_symmetric_about_its_midpoint_and_ends_at_min_lr():
+    """cos(pi - x) = -cos(x): epochs 105 + k and 700 - k average to (lr + min_lr) / 2."""
+    for k in (1, 100, 297):
+        pair = learning_rate(105 + k, PAPER) + learning_rate(700 - k, PAPER)
+        assert pair == pytest.approx(2e-4 + 1e-6, rel=1e-12), k
+    # first cosine epoch: 1 - cos(x) ~ x^2 / 2 for x = pi / 595 (next term x^4 / 24, ~1e-11 relative here)
+    assert learning_rate(106, PAPER) == pytest.approx(2e-4 - (2e-4 - 1e-6) * (math.pi / 595) ** 2 / 4, rel=1e-9)
+    assert learning_rate(700, PAPER) == pytest.approx(1e-6, rel=1e-12)
 
 
 def test_learning_rate_never_increases_after_warm_up():
     rates = [learning_rate(e, PAPER) for e in range(105, 701)]
-    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(rates))
 
 
 @pytest.mark.parametrize("epoch", [0, 701])

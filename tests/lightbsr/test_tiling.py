@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -72,7 +74,7 @@ def test_tile_starts_cover_the_axis_with_at_least_the_overlap(length, tile, over
     starts = tile_starts(length, tile, overlap)
     assert starts[0] == 0 and min(starts[-1] + tile, length) == length
     assert starts == sorted(set(starts))
-    for a, b in zip(starts, starts[1:]):
+    for a, b in itertools.pairwise(starts):
         assert a + tile - b >= overlap  # neighbours share at least `overlap` pixels
     covered = np.zeros(length, bool)
     for s in starts:
@@ -112,11 +114,20 @@ def test_tiling_without_shared_codes_does_worse(outputs, record_property):
     assert without < with_codes - 3.0
 
 
-def test_image_within_one_tile_equals_the_student_on_odd_sizes():
+def test_tiles_without_overlap_are_the_generator_on_each_crop_with_the_whole_images_codes():
+    """overlap 0: no blending, so each output block must be exactly the generator run on that LR crop
+    with the whole image's channel code and the matching crop of its spatial code (tiles placed by hand:
+    a 56x84 image in tiles of 28 -> 2 x 3 blocks)."""
     student = Student(scale=3, n_groups=1, n_blocks=1).eval()
-    lr = torch.rand(1, 3, 37, 45, generator=torch.Generator().manual_seed(1))
+    lr = torch.rand(1, 3, 56, 84, generator=torch.Generator().manual_seed(1))
+    tiled = upscale_tiled(student, lr, tile=28, overlap=0)
     with torch.no_grad():
-        assert torch.equal(upscale_tiled(student, lr), student(lr))
+        ca, xk = student.generator.convert(student.encode(lr), (56, 84))
+        for y0, y1 in ((0, 28), (28, 56)):
+            for x0, x1 in ((0, 28), (28, 56), (56, 84)):
+                block = student.generator.reconstruct(lr[..., y0:y1, x0:x1], ca, xk[..., y0:y1, x0:x1])
+                assert torch.equal(tiled[..., 3 * y0 : 3 * y1, 3 * x0 : 3 * x1], block), (y0, x0)
+        assert not torch.equal(tiled, student(lr))  # the crops really differ from the whole image at the seams
 
 
 def test_small_tiles_cover_an_odd_image_exactly_once_in_shape():
