@@ -101,7 +101,11 @@ def test_tables_hold_bicubic_published_and_our_rows_with_independent_numbers(sam
     expected = np.mean([r["psnr"] for r in result.rows if r["protocol"] == "iso_x4" and r["case"] == "sigma2.4"])
     assert float(ours["Set5 PSNR"]) == pytest.approx(expected, abs=1e-4)
     base = next(r for r in lines if r["method"] == BICUBIC and r["protocol"] == "gaussian8" and r["case"] == "mean")
-    assert 15 < float(base["Set5 PSNR"]) < 40
+    # the bicubic baseline loses PSNR as the blur widens (Gaussian8: sigma 1.8 .. 3.2), and "mean" is their mean
+    cases = {r["case"]: float(r["Set5 PSNR"]) for r in lines if r["method"] == BICUBIC and r["protocol"] == "gaussian8"}
+    by_sigma = [cases[c.name] for c in get_protocol("gaussian8").cases]
+    assert np.all(np.diff(by_sigma) < 0), by_sigma
+    assert float(base["Set5 PSNR"]) == pytest.approx(np.mean(by_sigma), abs=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +143,11 @@ def test_idr_discriminability_and_tables_are_logged_to_mlflow(logged_local_run, 
     _, result, folder = logged_local_run
     teacher, student = result.idr["teacher"], result.idr["student"]
     assert teacher["probe_accuracy"] > teacher["chance"]  # its input carries the degradation prior
-    assert 0.0 <= student["probe_accuracy"] <= 1.0 and -1.0 <= student["silhouette"] <= 1.0
+    assert student["chance"] == teacher["chance"]  # both probes score the same degradation labels
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result.run_id)
     assert run.data.metrics["idr/teacher/probe_accuracy"] == teacher["probe_accuracy"]
+    assert run.data.metrics["idr/student/silhouette"] == student["silhouette"]
     assert run.data.metrics["ours/psnr/iso_x4/samples/mean"] == pytest.approx(
         np.mean([r["psnr"] for r in result.rows]), abs=1e-4
     )

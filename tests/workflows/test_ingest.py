@@ -197,22 +197,30 @@ def test_chunks_divide_the_worker_batch(shard_url):
 def test_bad_stage_and_missing_shards_are_errors(shard_url, basis, tmp_path):
     with pytest.raises(ValueError, match="stage"):
         ingest.sample_spec(make_cfg(shard_url), "teachers", basis)
-    with pytest.raises(ValueError, match="no shard-NNNNN.parquet"):
+    with pytest.raises(ValueError, match=r"no shard-NNNNN\.parquet"):
         ingest.sample_spec(make_cfg(str(tmp_path)), "teacher", basis)
 
 
-def test_stream_reads_what_lightbsr_shards_wrote(sample_images, basis, tmp_path):
+def shards_of_one_photograph(sample_images: Path, folder: Path):
+    """`lightbsr shards` run on one real photograph (451x300 -> 7 x 4 tiles of 64) into folder/shards.
+
+    Returns the config and the tile ids the shards hold."""
     import shutil
 
     from workflows.shards import write_shards
 
-    (tmp_path / "src").mkdir()
-    shutil.copy(sample_images / "train" / "chelsea.png", tmp_path / "src")  # 451x300 -> 7 x 4 tiles of 64
-    cfg = make_cfg(str(tmp_path / "shards"), batch=4, iters=7, extra=("data.tile_size=64", "data.tiles_per_shard=10"))
-    manifest = write_shards(str(tmp_path / "src"), str(tmp_path / "shards"), cfg, progress=False)
+    (folder / "src").mkdir()
+    shutil.copy(sample_images / "train" / "chelsea.png", folder / "src")
+    cfg = make_cfg(str(folder / "shards"), batch=4, iters=7, extra=("data.tile_size=64", "data.tiles_per_shard=10"))
+    manifest = write_shards(str(folder / "src"), str(folder / "shards"), cfg, progress=False)
     shards = ingest.list_shards(cfg.shards_url, cfg)
     assert [s.rows for s in shards] == [10, 10, 8] and manifest.tiles == 28
     ids = [i for s in shards for i in pq.read_table(s.url, columns=["tile_id"]).column("tile_id").to_pylist()]
+    return cfg, ids
+
+
+def test_stream_reads_what_lightbsr_shards_wrote(sample_images, basis, tmp_path):
+    cfg, ids = shards_of_one_photograph(sample_images, tmp_path)
     rows = run_rows(ingest.sample_spec(cfg, "student", basis), 28)
     assert sorted(rows["tile_id"].tolist()) == sorted(ids)
 
@@ -220,7 +228,7 @@ def test_stream_reads_what_lightbsr_shards_wrote(sample_images, basis, tmp_path)
 def test_incomplete_shards_are_refused(sample_images, basis, tmp_path):
     from workflows.shards import load_manifest, save_manifest
 
-    test_stream_reads_what_lightbsr_shards_wrote(sample_images, basis, tmp_path)
+    shards_of_one_photograph(sample_images, tmp_path)
     cfg = make_cfg(str(tmp_path / "shards"))
     manifest = load_manifest(cfg.shards_url, cfg)
     manifest.complete = False
@@ -243,7 +251,13 @@ def test_ray_dataset_rows_equal_the_planned_chunks(ray_local, shard_url, basis):
     spec = ingest.sample_spec(cfg, "teacher", basis, start_epoch=1)
     expected = run_rows(spec, 2 * ingest.rows_per_epoch(cfg))
     for key in got:
-        np.testing.assert_array_equal(np.concatenate(got[key]), expected[key], err_msg=key)
+        rows = np.concatenate(got[key])
+        if np.issubdtype(rows.dtype, np.floating):
+            # the prior is a float32 matmul (kernel @ PCA basis): a Ray worker and this process may pick
+            # different CPU kernels and thread counts, and its last bit can differ (1 ulp seen here)
+            np.testing.assert_allclose(rows, expected[key], rtol=1e-6, atol=1e-7, err_msg=key)
+        else:  # pixels (uint8) and tile ids (int64) are exact wherever they are computed
+            np.testing.assert_array_equal(rows, expected[key], err_msg=key)
 
 
 def _collect_tile_ids(config: dict) -> None:

@@ -108,7 +108,7 @@ def test_tiny_pipeline_succeeds_through_ray_job_submit(ray_head, sample_images, 
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
     client = JobSubmissionClient(address)
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 540  # the job's wait, inside pytest's 900 s timeout with the start-up above
     status = client.get_job_status(job_id)
     while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
         time.sleep(3)

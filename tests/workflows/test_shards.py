@@ -251,10 +251,8 @@ def test_server_killed_mid_write_fails_clearly_and_keeps_finished_shards(s3_serv
         server.kill()
 
     with server.environment():
-        start = time.monotonic()
         with pytest.raises(StorageError, match=r"could not write .*shard-00001\.parquet after 2 attempt\(s\)"):
             write_shards(str(photo_dir), dst, cfg, progress=False, on_shard=kill_after_first_shard)
-        assert time.monotonic() - start < 30
         assert finished == ["shard-00000.parquet"]
         server.start()
         before = s3_objects(server, prefix)

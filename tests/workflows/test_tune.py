@@ -128,7 +128,7 @@ def test_sweep_stops_trials_early_resumes_and_records_the_best(tmp_path, sample_
     # First run: interrupted (Ctrl-C) once at least one trial has finished.
     log = open(tmp_path / "first.log", "w")  # a file, not a pipe: an unread pipe would block the sweep
     first = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 840  # one budget for every wait below, inside pytest's 900 s timeout
     before = {}
     while first.poll() is None and not before and time.monotonic() < deadline:
         time.sleep(3)
@@ -136,7 +136,7 @@ def test_sweep_stops_trials_early_resumes_and_records_the_best(tmp_path, sample_
     assert before, "no trial finished before the interruption"
     first.send_signal(signal.SIGINT)
     try:
-        first.wait(timeout=120)
+        first.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         first.kill()
         first.wait()
@@ -145,7 +145,9 @@ def test_sweep_stops_trials_early_resumes_and_records_the_best(tmp_path, sample_
     assert first.returncode == 130 and "rerun the same command to resume" in out_first, out_first[-3000:]
 
     # Second run: the same command resumes; finished trials keep their runs untouched (not rerun).
-    second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(
+        command, env=env, cwd=REPO, capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic())
+    )
     assert second.returncode == 0, (out_first[-2000:], second.stdout[-4000:], second.stderr[-4000:])
     assert "resuming sweep" in second.stdout
     after = _ended_trial_runs(uri)
