@@ -119,14 +119,14 @@ def anisotropic_gaussian_kernel(
     along (cos theta, sin theta) in (column, row) coordinates. Floats broadcast against tensors.
     """
     _check_kernel_size(size)
-    theta, lambda1, lambda2 = torch.broadcast_tensors(
+    angle, std1, std2 = torch.broadcast_tensors(
         _as_batch(theta, "theta"), _as_batch(lambda1, "lambda1"), _as_batch(lambda2, "lambda2")
     )
-    _check_positive(lambda1, "lambda1")
-    _check_positive(lambda2, "lambda2")
-    cos, sin = torch.cos(theta).view(-1, 1, 1), torch.sin(theta).view(-1, 1, 1)
-    inv1, inv2 = (1.0 / lambda1**2).view(-1, 1, 1), (1.0 / lambda2**2).view(-1, 1, 1)
-    x, y = _kernel_grid(size, theta.device)
+    _check_positive(std1, "lambda1")
+    _check_positive(std2, "lambda2")
+    cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
+    inv1, inv2 = (1.0 / std1**2).view(-1, 1, 1), (1.0 / std2**2).view(-1, 1, 1)
+    x, y = _kernel_grid(size, angle.device)
     # coordinates in the principal frame: u along (cos, sin), v along (-sin, cos)
     u = cos * x + sin * y
     v = -sin * x + cos * y
@@ -400,15 +400,19 @@ def _blur_downsample(x: torch.Tensor, kernel: torch.Tensor, scale: int) -> torch
     kernel = kernel.expand(x.shape[0], -1, -1)
     factors = _rank_one_factors(kernel)  # where the kernels live (CPU from the sampler): no GPU sync
     if factors is not None:
-        return _separable_blur_downsample(x, *(f.to(x.device) for f in factors), scale)
+        col, row = factors
+        return _separable_blur_downsample(x, col.to(x.device), row.to(x.device), scale)
     kernel = kernel.to(x.device)
     strided = _strided_blur_downsample(x, kernel, scale) if x.device.type == "cpu" else None
     return strided if strided is not None else bicubic_downsample(blur(x, kernel), scale)
 
 
 def _noise_levels(noise_sigma: float | torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
-    if noise_sigma is None:
-        return None
+    return None if noise_sigma is None else _noise_batch(noise_sigma, batch, device)
+
+
+def _noise_batch(noise_sigma: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """A float or (B,) noise sigma (0..255 scale) -> checked (batch,) float32 on `device`."""
     sigma = _as_batch(noise_sigma, "noise_sigma").to(device=device, dtype=torch.float32)
     if sigma.shape[0] not in (1, batch):
         raise ValueError(f"noise_sigma: expected {batch} values (one per image) or 1, got {sigma.shape[0]}")
@@ -533,7 +537,7 @@ def prior_vector(
     code = flat.to(torch.float32) @ basis.to(device=flat.device, dtype=torch.float32)  # (B, 15)
     if noise_sigma is None:
         return code
-    sigma = _noise_levels(noise_sigma, code.shape[0], code.device)
+    sigma = _noise_batch(noise_sigma, code.shape[0], code.device)
     return torch.cat([code, sigma.view(-1, 1).expand(-1, NOISE_PRIOR_CHANNELS)], dim=1)  # (B, 18)
 
 

@@ -58,7 +58,7 @@ class MeanShift(nn.Conv2d):
         super().__init__(3, 3, 1)
         with torch.no_grad():
             self.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
-            self.bias.copy_(sign * torch.tensor(DIV2K_RGB_MEAN))
+            self.get_parameter("bias").copy_(sign * torch.tensor(DIV2K_RGB_MEAN))
         self.requires_grad_(False)
 
 
@@ -163,7 +163,7 @@ class AdaptationBlock(nn.Module):
 
     def __init__(self, channels: int = FEATURES) -> None:
         super().__init__()
-        self.split = (channels // 4, channels - channels // 4)  # (16, 48)
+        self.split = [channels // 4, channels - channels // 4]  # [16, 48]
         self.spatial = SpatialModulation(self.split[0])
         self.channel = ChannelModulation(self.split[1])
         self.ffn = InvertedBottleneck(channels)
@@ -244,6 +244,7 @@ class Generator(nn.Module):
     def forward(
         self, lr: torch.Tensor, idr: torch.Tensor, return_codes: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ca, xk = self.convert(idr, lr.shape[-2:])
+        height, width = lr.shape[-2:]
+        ca, xk = self.convert(idr, (height, width))
         sr = self.reconstruct(lr, ca, xk)
         return (sr, ca, xk) if return_codes else sr

@@ -45,8 +45,10 @@ class DegradationCase:
 
     def kernel(self) -> torch.Tensor:
         """(21, 21) float32 blur kernel."""
-        if self.isotropic:
+        if self.sigma is not None:
             return isotropic_gaussian_kernel(self.sigma, KERNEL_SIZE)[0]
+        if self.theta_deg is None or self.lambda1 is None or self.lambda2 is None:
+            raise ValueError(f"case {self.name!r}: expected sigma, or theta_deg, lambda1 and lambda2")
         theta = math.radians(self.theta_deg)
         return anisotropic_gaussian_kernel(theta, self.lambda1, self.lambda2, KERNEL_SIZE)[0]
 

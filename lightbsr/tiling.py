@@ -1,11 +1,17 @@
-"""Tiled inference for images of any size in bounded memory.
+"""Tiled inference: the generator runs tile by tile, the codes come from the whole image.
 
 The channel code `ca` is a global average over the whole image's IDR, so the encoder and the
-IDR converter run once on the whole LR image (the encoder works at 1/4 resolution and is
-cheap) and every tile of the generator gets the same `ca` and its own crop of the spatial code
-`xk`. Only the generator, whose activations dominate the memory, is tiled. Neighbouring tiles
-overlap by at least `overlap` LR pixels and are blended with linear ramps across the overlap, which
-hides the small differences between tiles (each block's channel branch pools its own tile).
+IDR converter run once on the whole LR image and every tile of the generator gets the same `ca`
+and its own crop of the spatial code `xk`. Only the generator, whose 64-channel activations (at
+LR size in its groups, up to HR size in its upsampler) dominate an untiled run, is tiled.
+
+Memory is therefore NOT bounded: it still grows with the image's area, through the encoder's
+first stages (32 channels at full LR resolution), `xk` (8 channels at LR size) and the SR output
+with its blending weights (4 channels at HR size); a tile caps only the generator's share.
+
+Neighbouring tiles overlap by at least `overlap` LR pixels and are blended with linear ramps
+across the overlap, which hides the small differences between tiles (each block's channel
+branch pools its own tile).
 
 `shared_codes=False` runs the whole student on each tile instead (each tile then sees its own
 channel code); it exists to show what sharing the codes buys.
@@ -18,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from lightbsr.student import Student
 from lightbsr.validation import check_image_batch
 
 __all__ = [
@@ -93,6 +100,8 @@ def upscale_tiled(
 
     An image no larger than one tile runs in one piece and equals `student(lr)`.
     """
+    if not isinstance(student, Student):  # tiling needs the student's own encoder and generator
+        raise TypeError(f"student: expected a lightbsr Student, got {type(student).__name__}")
     _check_tiling(lr, tile, overlap)
     height, width = lr.shape[-2:]
     if height <= tile and width <= tile:

@@ -246,15 +246,15 @@ def test_inference_mode_gives_the_same_output_as_autograd_mode():
     torch.testing.assert_close(untracked, tracked.detach(), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_autocast_is_close_to_fp32(dtype):
-    student = small_student().cuda().eval()
+def test_bf16_autocast_is_close_to_fp32():
+    """On CPU here (CUDA fp16/bf16: benchmarks/gpu_checks.py): the model must run under autocast."""
+    student = small_student().eval()
     randomise_layer_scales(student)
-    lr = torch.rand(1, 3, 63, 65, device="cuda")
+    lr = torch.rand(1, 3, 63, 65, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         reference = student(lr)
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = student(lr)
-    assert mixed.shape == (1, 3, 252, 260) and mixed.dtype == dtype
-    assert ((mixed.float() - reference).abs().max() / reference.abs().max()).item() < 5e-2
+    assert mixed.shape == (1, 3, 252, 260) and mixed.dtype == torch.bfloat16
+    error = ((mixed.float() - reference).abs().max() / reference.abs().max()).item()
+    assert 0 < error < 5e-2  # bf16 really ran (not a silent fp32 pass-through), and stayed close
