@@ -86,8 +86,8 @@ def test_make_pair_crops_to_the_scale_and_gives_the_reference_lr(parity_vectors)
     the protocol must crop it back (top-left) and give the same LR pixels."""
     vectors = parity_vectors["degradation"]
     hr = vectors["hr"][0] / 255.0  # (3, 48, 60)
-    padded = torch.cat([hr, torch.rand(3, 2, 60)], dim=1)
-    padded = torch.cat([padded, torch.rand(3, 50, 1)], dim=2)  # (3, 50, 61): not multiples of 4
+    extra = torch.rand(3, 50, 61, generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([torch.cat([hr, extra[:, 48:, :60]], dim=1), extra[:, :, 60:]], dim=2)  # (3, 50, 61)
     protocol = get_protocol("iso_x4")
     cropped, lr = protocol.make_pair(padded, protocol.case("sigma1.2"), "img")
     assert torch.equal(cropped, hr)

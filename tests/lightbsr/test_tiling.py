@@ -170,3 +170,8 @@ def test_too_small_images_are_rejected_with_their_size(size):
     student = Student(scale=2, n_groups=1, n_blocks=1).eval()
     with pytest.raises(ValueError, match=f"{size[1]}x{size[0]} pixels"):
         upscale_tiled(student, torch.rand(1, 3, *size))
+
+
+def test_a_model_that_is_not_a_student_is_refused_with_its_type():
+    with pytest.raises(TypeError, match="got Conv2d"):
+        upscale_tiled(torch.nn.Conv2d(3, 3, 3), torch.rand(1, 3, 300, 300))

@@ -1,7 +1,7 @@
 """The training stream (workflows.ingest): what each row holds, how runs repeat, how tiles spread.
 
 Shards are written in the schema of `lightbsr shards` from real photographs (fixture `hr_tile`).
-Most checks call `make_chunk` (the function each Ray task runs) directly; the slow tests run the
+Most checks call `make_chunk` (the function each Ray task runs) directly; the integration tests run the
 Ray Data pipeline itself, feeding two Ray Train workers from shards on a real SeaweedFS server.
 """
 
