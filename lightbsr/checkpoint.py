@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightbsr.files import atomic_write
 
 __all__ = [
     "FORMAT",
@@ -140,16 +141,7 @@ def save_checkpoint(
     }
     path = Path(path)
     target = path if path.suffix in {".pt", ".pth"} else path / MODEL_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda handle: torch.save(payload, handle))
 
 
 def _read(file: Path, map_location: Any) -> Any:
