@@ -168,7 +168,11 @@ def write_image(path: str | os.PathLike, array: np.ndarray, format: str | None =
     fmt = (format or _SAVE_FORMATS.get(path.suffix.lower(), "")).upper()
     if fmt not in {"PNG", "JPEG", "WEBP"}:
         raise ValueError(f"{path}: cannot tell the image format from {path.suffix!r}; use .png, .jpg or .webp")
-    options = {"PNG": {"compress_level": PNG_COMPRESS_LEVEL}, "JPEG": {"quality": quality}, "WEBP": {"lossless": True}}
+    options: dict[str, dict[str, int | bool]] = {
+        "PNG": {"compress_level": PNG_COMPRESS_LEVEL},
+        "JPEG": {"quality": quality},
+        "WEBP": {"lossless": True},
+    }
     return atomic_write(path, lambda file: image.save(file, format=fmt, **options[fmt]))
 
 

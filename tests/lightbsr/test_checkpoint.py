@@ -60,6 +60,31 @@ def test_a_save_that_fails_keeps_the_previous_checkpoint_and_no_temporary(tmp_pa
     assert load_checkpoint(tmp_path / "ckpt").raw["epoch"] == 1
 
 
+def test_missing_model_config_keys_take_the_paper_defaults(tmp_path):
+    student = randomised(Student(2, 1, 2), seed=0)
+    save_checkpoint(
+        tmp_path / "s.pt",
+        student,
+        role="student",
+        model_config={"scale": 2, "n_groups": 1, "n_blocks": 2},
+        pca_basis=None,
+    )
+    expected = {
+        "scale": 2,
+        "setting": 1,
+        "n_groups": 1,
+        "n_blocks": 2,
+        "queue_size": 8192,
+        "momentum": 0.999,
+        "pca_seed": 0,
+    }
+    assert load_checkpoint(tmp_path / "s.pt").model_config == expected
+    with pytest.raises(CheckpointError, match=r"unknown model_config keys \['depth'\]"):
+        save_checkpoint(
+            tmp_path / "x.pt", student, role="student", model_config={"scale": 2, "depth": 3}, pca_basis=None
+        )
+
+
 def test_teacher_round_trips_with_its_queue(tmp_path):
     teacher = Teacher(scale=2, setting=2, n_groups=1, n_blocks=2, queue_size=16, momentum=0.99)
     teacher.enqueue(torch.nn.functional.normalize(torch.randn(4, 128), dim=1))
