@@ -114,6 +114,11 @@ def parse(ref: str) -> ModelReference:
                 f"model reference {redact(ref)}: scheme {urlsplit(ref).scheme!r} is not supported "
                 "(a path, file://, s3://, runs:/ or models:/)"
             )
+        if "@" in urlsplit(ref).netloc:
+            raise ModelReferenceError(
+                f"model reference {redact(ref)}: s3:// URLs carry no credentials "
+                "(they come from the environment or the AWS chain)"
+            )
         return ModelReference(ref, "url")
     return ModelReference(ref, "path")
 

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
@@ -27,7 +28,7 @@ from workflows.config import Config, add_config_arguments, load_config
 from workflows.errors import UsageError
 from workflows.references import check_registry, load_student, resolve
 from workflows.serving import CHECKPOINT_ARTIFACT, LightBSRModel
-from workflows.urls import redact
+from workflows.urls import redact, redact_text
 
 __all__ = ["main", "register_checkpoint", "serving_code_paths"]
 
@@ -51,6 +52,17 @@ def serving_code_paths() -> list[str]:
     import workflows.serving
 
     return [os.path.dirname(lightbsr.__file__), os.path.dirname(workflows.serving.__file__)]
+
+
+def _without_userinfo(value: Any) -> Any:
+    """The stored config with every URL's user:password part removed (checkpoints of older runs may hold them)."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {key: _without_userinfo(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_userinfo(item) for item in value]
+    return value
 
 
 def _pinned_requirements() -> list[str]:
@@ -103,7 +115,7 @@ def register_checkpoint(
             pca_basis=loaded.pca_basis,
             epoch=loaded.raw.get("epoch", 0),
             iteration=loaded.raw.get("iteration", 0),
-            config=loaded.raw.get("config"),
+            config=_without_userinfo(loaded.raw.get("config")),
         )
         artifacts = {CHECKPOINT_ARTIFACT: str(ours)}
         tags = {

@@ -29,6 +29,7 @@ from workflows.register import register_checkpoint
 from workflows.upscale import main as upscale_main
 
 MODEL_CONFIG = {"scale": 2, "setting": 1, "n_groups": 1, "n_blocks": 2}
+SECRET = "Pa55w0rd-in-userinfo"
 
 
 def small_student(seed: int = 0) -> Student:
@@ -45,7 +46,11 @@ def small_student(seed: int = 0) -> Student:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "student"
-    save_checkpoint(path, small_student(), role="student", model_config=MODEL_CONFIG, pca_basis=torch.zeros(441, 15))
+    config = {"tracking": {"uri": f"http://trainer:{SECRET}@mlflow.example:5000"}}  # as an older run stored it
+    save_checkpoint(
+        path, small_student(), role="student", model_config=MODEL_CONFIG, pca_basis=torch.zeros(441, 15), config=config
+    )
+    assert SECRET.encode() in (path / "model.pt").read_bytes()
     return path
 
 
@@ -172,6 +177,8 @@ def test_registered_version_carries_tags_alias_signature_and_artifacts(registere
     raw = torch.load(model_file, weights_only=True)
     assert raw["format"] == "lightbsr/1" and raw["model_config"]["scale"] == 2
     assert torch.equal(raw["pca_basis"], torch.zeros(441, 15))
+    assert raw["config"] == {"tracking": {"uri": "http://mlflow.example:5000"}}  # the userinfo is not registered
+    assert SECRET.encode() not in model_file.read_bytes()
     from mlflow.models import get_model_info
 
     info = get_model_info(f"models:/{name}/{version}")

@@ -161,15 +161,20 @@ def test_a_registered_model_without_a_tracking_uri_says_what_to_set_and_creates_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]  # no runs/mlflow.db, no output
 
 
-def test_userinfo_in_a_model_url_is_never_printed(tmp_path, photo, capsys):
+@pytest.mark.parametrize(
+    "model,words",
+    [
+        ("https://user:{secret}@models.example.invalid/student.pt", "scheme 'https' is not supported"),
+        ("s3://AKIAEXAMPLE:{secret}@bucket/student.pt", "s3://bucket/student.pt: s3:// URLs carry no credentials"),
+    ],
+)
+def test_userinfo_in_a_model_url_is_refused_and_never_printed(tmp_path, photo, capsys, model, words):
     Image.fromarray(photo).save(tmp_path / "in.png")
     secret = "s3cr3t-Pa55"
-    model = f"https://user:{secret}@models.example.invalid/student.pt"
-    assert (
-        lightbsr_upscale(["--model", model, str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--quiet"]) == EXIT_USAGE
-    )
+    argv = ["--model", model.format(secret=secret), str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--quiet"]
+    assert lightbsr_upscale(argv) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "is not supported" in err and "models.example.invalid/student.pt" in err and secret not in err
+    assert words in err and secret not in err
 
 
 @pytest.mark.slow
