@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightbsr.files import atomic_write
+from lightbsr.models import ROLES, ModelSpec, build_model, spec_keys
+from lightbsr.teacher import PRIOR_CHANNELS
 
 __all__ = [
     "FORMAT",
@@ -38,16 +41,7 @@ __all__ = [
 
 FORMAT = "lightbsr/1"
 MODEL_FILE = "model.pt"
-ROLES = ("teacher", "student")
-MODEL_CONFIG_KEYS = ("scale", "setting", "n_groups", "n_blocks", "queue_size", "momentum", "pca_seed")
-MODEL_CONFIG_DEFAULTS = {
-    "setting": 1,
-    "n_groups": 8,
-    "n_blocks": 8,
-    "queue_size": 8192,
-    "momentum": 0.999,
-    "pca_seed": 0,
-}
+MODEL_CONFIG_KEYS = spec_keys()
 
 
 class CheckpointError(ValueError):
@@ -98,7 +92,7 @@ def _complete_model_config(model_config: Mapping[str, Any], where: str) -> dict[
         raise CheckpointError(f"{where}: unknown model_config keys {unknown} (expected {list(MODEL_CONFIG_KEYS)})")
     if "scale" not in model_config:
         raise CheckpointError(f"{where}: model_config has no 'scale'")
-    out = {**MODEL_CONFIG_DEFAULTS, **dict(model_config)}
+    out = {**ModelSpec().as_dict(), **dict(model_config)}
     if out["scale"] not in (2, 3, 4):
         raise CheckpointError(f"{where}: model_config scale {out['scale']!r} is not 2, 3 or 4")
     if out["setting"] not in (1, 2):
@@ -140,16 +134,7 @@ def save_checkpoint(
     }
     path = Path(path)
     target = path if path.suffix in {".pt", ".pth"} else path / MODEL_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda handle: torch.save(payload, handle))
 
 
 def _read(file: Path, map_location: Any) -> Any:
@@ -190,9 +175,9 @@ def describe_reference_state_dict(state_dict: Mapping[str, torch.Tensor], where:
         scale = 3
     else:
         scale = 4 if "G.tail.0.2.weight" in state_dict else 2
-    settings = {3: 1, 18: 1, 21: 2}
+    settings = {3: 1} | {3 + width: setting for setting, width in PRIOR_CHANNELS.items()}  # the student's: 3
     if in_channels not in settings:
-        raise CheckpointError(f"{where}: encoder input has {in_channels} channels (expected 3, 18 or 21)")
+        raise CheckpointError(f"{where}: encoder input has {in_channels} channels (expected one of {sorted(settings)})")
     groups = {int(k.split(".")[2]) for k in state_dict if k.startswith("G.body.") and ".ca_change." in k}
     blocks = {int(k.split(".")[4]) for k in state_dict if k.startswith("G.body.0.body.") and k.endswith(".gamma")}
     if not groups or not blocks:
@@ -238,26 +223,6 @@ def _load_reference(
         None,
         model_config,
         {"format": "reference", "model": state_dict},
-    )
-
-
-def build_model(role: str, model_config: Mapping[str, Any]) -> nn.Module:
-    """An untrained network of the given role and shape."""
-    if role == "student":
-        from lightbsr.student import Student
-
-        return Student(
-            scale=model_config["scale"], n_groups=model_config["n_groups"], n_blocks=model_config["n_blocks"]
-        )
-    from lightbsr.teacher import Teacher
-
-    return Teacher(
-        scale=model_config["scale"],
-        setting=model_config["setting"],
-        n_groups=model_config["n_groups"],
-        n_blocks=model_config["n_blocks"],
-        queue_size=model_config["queue_size"],
-        momentum=model_config["momentum"],
     )
 
 

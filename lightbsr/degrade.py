@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +41,8 @@ __all__ = [
     "degrade",
     "isotropic_gaussian_kernel",
     "kernel_pca_basis",
-    "load_pca_basis",
     "pca_kernel_population",
     "prior_vector",
-    "save_pca_basis",
 ]
 
 KERNEL_SIZE = 21
@@ -493,7 +490,7 @@ def kernel_pca_basis(
     eigenvalue, each signed so its entries sum to >= 0. The reference leaves its draw unseeded,
     lists the components in increasing order and flattens column-major; a basis is only
     meaningful with the network trained on it, so it is saved with the checkpoint
-    (`save_pca_basis`, key "pca_basis") and loaded back, never rebuilt.
+    (`lightbsr.checkpoint.save_checkpoint`, key "pca_basis") and loaded back, never rebuilt.
     """
     if not 1 <= n_components <= min(n_kernels, size * size):
         raise ValueError(
@@ -505,22 +502,6 @@ def kernel_pca_basis(
     basis = eigenvectors[:, -n_components:].flip(1)  # (k*k, n_components), largest first
     basis = basis * torch.where(basis.sum(dim=0) < 0, -1.0, 1.0)
     return basis.to(torch.float32).contiguous()
-
-
-def save_pca_basis(basis: torch.Tensor, path: str | Path) -> None:
-    """Write the basis as {"pca_basis": tensor}, the key checkpoints use."""
-    torch.save({"pca_basis": basis.detach().cpu()}, Path(path))
-
-
-def load_pca_basis(path_or_state: str | Path | dict) -> torch.Tensor:
-    """Read a basis back from a file written by `save_pca_basis` or from a checkpoint dict."""
-    state = path_or_state if isinstance(path_or_state, dict) else torch.load(Path(path_or_state), weights_only=True)
-    if "pca_basis" not in state:
-        raise ValueError(f"{path_or_state if not isinstance(path_or_state, dict) else 'state'}: no 'pca_basis' key")
-    basis = state["pca_basis"]
-    if not isinstance(basis, torch.Tensor) or basis.dim() != 2:
-        raise ValueError(f"pca_basis: expected a (k*k, n) tensor, got {type(basis).__name__}")
-    return basis.to(torch.float32)
 
 
 def prior_vector(

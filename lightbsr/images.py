@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from lightbsr.files import atomic_write
 
 __all__ = [
     "BENCHMARK_SETS",
@@ -159,26 +160,20 @@ def encode_png(array: np.ndarray) -> bytes:
 def write_image(path: str | os.PathLike, array: np.ndarray, format: str | None = None, quality: int = 95) -> Path:
     """Write a uint8 (H, W, 3) array as PNG, JPEG or WebP (chosen by extension unless `format`).
 
-    The file appears only when complete: it is written to a temporary name beside the target
-    and renamed; on any error nothing is left behind. WebP is written lossless.
+    The file appears only when complete (`lightbsr.files.atomic_write`); on any error nothing is
+    left behind. WebP is written lossless.
     """
     path = Path(path)
     image = Image.fromarray(_checked_rgb(array, str(path)))
     fmt = (format or _SAVE_FORMATS.get(path.suffix.lower(), "")).upper()
     if fmt not in {"PNG", "JPEG", "WEBP"}:
         raise ValueError(f"{path}: cannot tell the image format from {path.suffix!r}; use .png, .jpg or .webp")
-    options = {"PNG": {"compress_level": PNG_COMPRESS_LEVEL}, "JPEG": {"quality": quality}, "WEBP": {"lossless": True}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format=fmt, **options[fmt])
-        os.chmod(temp, 0o644)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    options: dict[str, dict[str, int | bool]] = {
+        "PNG": {"compress_level": PNG_COMPRESS_LEVEL},
+        "JPEG": {"quality": quality},
+        "WEBP": {"lossless": True},
+    }
+    return atomic_write(path, lambda file: image.save(file, format=fmt, **options[fmt]))
 
 
 def _checked_rgb(array: np.ndarray, name: str) -> np.ndarray:

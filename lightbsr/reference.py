@@ -14,15 +14,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from os import PathLike
-from typing import Literal
 
 import torch
 from torch import nn
 
+from lightbsr.models import ModelSpec, Role, build_model
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
-
-Role = Literal["student", "teacher"]
 
 
 class ReferenceCheckpointError(ValueError):
@@ -108,14 +106,6 @@ def key_map(model: Student | Teacher) -> dict[str, str]:
     return {ours: their_key(ours, rules) for ours in model.state_dict()}
 
 
-def build_model(role: Role, scale: int, setting: int, n_groups: int, n_blocks: int) -> Student | Teacher:
-    if role == "student":
-        return Student(scale=scale, n_groups=n_groups, n_blocks=n_blocks)
-    if role == "teacher":
-        return Teacher(scale=scale, setting=setting, n_groups=n_groups, n_blocks=n_blocks)
-    raise ValueError(f"role: expected 'student' or 'teacher', got {role!r}")
-
-
 def read_state_dict(state_dict_or_path: Mapping[str, torch.Tensor] | str | PathLike) -> Mapping[str, torch.Tensor]:
     if isinstance(state_dict_or_path, Mapping):
         return state_dict_or_path
@@ -143,13 +133,13 @@ def load_reference_checkpoint(
     *,
     role: Role = "student",
     scale: int,
-    setting: int = 1,
-    n_groups: int = 8,
-    n_blocks: int = 8,
+    setting: int = ModelSpec.setting,
+    n_groups: int = ModelSpec.n_groups,
+    n_blocks: int = ModelSpec.n_blocks,
 ) -> Student | Teacher:
     """Our Student/Teacher loaded, strictly, from the authors' ``BlindSR.state_dict()``."""
     state = read_state_dict(state_dict_or_path)
-    model = build_model(role, scale, setting, n_groups, n_blocks)
+    model = build_model(role, ModelSpec(scale=scale, setting=setting, n_groups=n_groups, n_blocks=n_blocks))
     mapping = key_map(model)
     check_keys(set(state), set(mapping.values()), role)
     expected_shapes = {k: v.shape for k, v in model.state_dict().items()}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lightbsr.models import ModelSpec
 from workflows.errors import UsageError
 from workflows.urls import is_remote
 
@@ -34,14 +35,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_MODEL = ModelSpec()  # the one source of the model defaults (lightbsr.models)
+
+
 class ModelConfig(_Strict):
-    scale: Literal[2, 3, 4] = 4
-    setting: Literal[1, 2] = 1
-    n_groups: int = Field(8, ge=1, description="groups in the generator body (paper: 8)")
-    n_blocks: int = Field(8, ge=1, description="adaptation blocks per group (paper: 8)")
-    queue_size: int = Field(8192, ge=1, description="MoCo queue length of the teacher")
-    momentum: float = Field(0.999, gt=0.0, lt=1.0, description="MoCo key-encoder momentum")
-    pca_seed: int = Field(0, description="seed of the kernel PCA basis (saved with checkpoints)")
+    scale: Literal[2, 3, 4] = cast(Literal[2, 3, 4], _MODEL.scale)
+    setting: Literal[1, 2] = cast(Literal[1, 2], _MODEL.setting)
+    n_groups: int = Field(_MODEL.n_groups, ge=1, description="groups in the generator body (paper: 8)")
+    n_blocks: int = Field(_MODEL.n_blocks, ge=1, description="adaptation blocks per group (paper: 8)")
+    queue_size: int = Field(_MODEL.queue_size, ge=1, description="MoCo queue length of the teacher")
+    momentum: float = Field(_MODEL.momentum, gt=0.0, lt=1.0, description="MoCo key-encoder momentum")
+    pca_seed: int = Field(_MODEL.pca_seed, description="seed of the kernel PCA basis (saved with checkpoints)")
 
 
 class S3Config(_Strict):
@@ -108,7 +112,9 @@ class TrainConfig(_Strict):
     max_failures: int = Field(2, ge=0)
     log_every_steps: int = Field(10, ge=1)
     image_every_steps: int = Field(500, ge=1)
-    teacher_checkpoint: str | None = Field(None, description="path, s3:// URI or runs:/<id>/... for the student stage")
+    teacher_checkpoint: str | None = Field(
+        None, description="teacher for the student stage: path, s3:// URL, runs:/<id>/... or models:/<name>@<alias>"
+    )
 
 
 class TrackingConfig(_Strict):
@@ -200,7 +206,9 @@ class Config(_Strict):
     # Derived values, so no one recomputes them differently.
     @property
     def prior_channels(self) -> int:
-        return 15 if self.model.setting == 1 else 18
+        from lightbsr.teacher import PRIOR_CHANNELS  # imports torch, which loading a config does not need
+
+        return PRIOR_CHANNELS[self.model.setting]
 
     @property
     def registered_model(self) -> str:
@@ -220,14 +228,25 @@ class Config(_Strict):
             return self.tracking.uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{self.default_tracking_store}"
+
+    @property
+    def tracking_uri_is_set(self) -> bool:
+        """True when tracking.uri or MLFLOW_TRACKING_URI names the store (not the sqlite default)."""
+        return bool(self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+
+    @property
+    def default_tracking_store(self) -> Path:
+        """The sqlite file MLflow uses when no tracking URI is set: `<storage.root>/mlflow.db`."""
         if is_remote(self.storage.root):
             raise ConfigError("tracking.uri must be set when storage.root is remote (no local sqlite store)")
-        return f"sqlite:///{Path(self.storage.root, 'mlflow.db')}"
+        return Path(self.storage.root, "mlflow.db")
 
 
-def _absolute(url: str | None, base: Path) -> str | None:
-    """Local paths become absolute (Ray workers run in other folders); URLs stay as they are."""
-    if url is None or "://" in url:
+def _absolute(url: str, base: Path) -> str:
+    """A plain relative path becomes absolute (Ray workers run in other folders); URLs (`s3://`, `runs:/`,
+    `models:/`, `file://` ...) stay exactly as given."""
+    if is_remote(url) or url.startswith("file://"):
         return url
     return str((base / os.path.expanduser(url)).resolve())
 
@@ -267,8 +286,9 @@ def config_from_dict(raw: dict[str, Any], base: Path | None = None) -> Config:
     base = base or Path.cwd()
     cfg.storage.root = _absolute(cfg.storage.root, base)
     for name in ("train_images", "eval_images", "benchmarks", "shards"):
-        setattr(cfg.data, name, _absolute(getattr(cfg.data, name), base))
-    if cfg.train.teacher_checkpoint and not cfg.train.teacher_checkpoint.startswith("runs:/"):
+        if getattr(cfg.data, name) is not None:
+            setattr(cfg.data, name, _absolute(getattr(cfg.data, name), base))
+    if cfg.train.teacher_checkpoint is not None:
         cfg.train.teacher_checkpoint = _absolute(cfg.train.teacher_checkpoint, base)
     return cfg
 

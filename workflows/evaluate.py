@@ -32,7 +32,8 @@ from lightbsr.protocols import DegradationCase, get_protocol
 from lightbsr.tiling import upscale_tiled
 from workflows import storage
 from workflows.config import Config, add_config_arguments, load_config
-from workflows.register import OURS, RegistryError, fetch_checkpoint
+from workflows.references import RegistryError, fetch_checkpoint
+from workflows.register import OURS
 
 __all__ = [
     "BICUBIC",

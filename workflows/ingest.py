@@ -1,5 +1,4 @@
-"""Ray Data pipelines: degraded LR/HR training batches streamed from parquet shards, and
-evaluation LR/HR shards degraded once per protocol.
+"""Ray Data pipeline: degraded LR/HR training batches streamed from parquet shards.
 
 Training stream. Sample g = 0, 1, 2, ... of a run is fixed by the config alone:
 
@@ -22,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -33,29 +30,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lightbsr.degrade import Degradation, DegradationSampler, kernel_pca_basis
-from lightbsr.images import IMAGE_EXTENSIONS, encode_png, read_rgb
-from lightbsr.protocols import get_protocol
+from lightbsr.degrade import Degradation, DegradationSampler
+from lightbsr.images import read_rgb
 from workflows import storage
 from workflows.config import Config, S3Config
 from workflows.shards import load_manifest
 
 __all__ = [
-    "EVAL_SCHEMA",
-    "EvalPair",
     "SampleSpec",
     "ShardInfo",
     "chunk_rows",
-    "epoch_samples",
     "list_shards",
     "make_chunk",
     "pass_slots",
-    "read_eval_shards",
     "rows_per_epoch",
     "sample_spec",
     "training_data_config",
     "training_dataset",
-    "write_eval_shards",
 ]
 
 Stage = Literal["teacher", "student"]
@@ -74,7 +65,6 @@ SHARD_CACHE_SIZE = 2 * SHARD_WINDOW
 MAKERS_PER_DATA_CPU = 2
 #: domain tags, so the noise generator never shares a stream with a sample's generator.
 _SAMPLE_TAG, _NOISE_TAG, _PASS_TAG = 0, 1, 2
-EVAL_ROWS_PER_SHARD = 64
 
 
 # ----------------------------------------------------------------------------- shards
@@ -316,11 +306,6 @@ def _chunks_to_rows(batch: dict[str, np.ndarray], spec: SampleSpec) -> dict[str,
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
-def epoch_samples(spec: SampleSpec, epoch: int) -> tuple[int, int]:
-    """[first, stop) global sample indices of `epoch`."""
-    return epoch * spec.rows_per_epoch, (epoch + 1) * spec.rows_per_epoch
-
-
 # ----------------------------------------------------------------------------- Ray Data
 
 
@@ -416,141 +401,3 @@ def training_data_config():
     from ray.train import DataConfig
 
     return DataConfig(execution_options=_execution_options(), enable_shard_locality=False)
-
-
-# ----------------------------------------------------------------------------- evaluation shards
-
-EVAL_SCHEMA = pa.schema(
-    [
-        ("image_key", pa.string()),  # path of the HR image relative to the images URL
-        ("case", pa.string()),  # DegradationCase.name
-        ("lr", pa.binary()),  # PNG of the LR image, exactly protocol.make_lr's pixels
-        ("hr", pa.binary()),  # PNG of the HR image cropped to a multiple of the scale
-        ("prior", pa.list_(pa.float32())),  # the teacher prior of the case (15 or 18 values)
-        ("noise_sigma", pa.float32()),  # 0..255 scale
-    ]
-)
-EVAL_MANIFEST = "manifest.json"
-EVAL_FORMAT = "lightbsr-eval-shards/1"
-
-
-@dataclass(frozen=True)
-class EvalPair:
-    image_key: str
-    case: str
-    lr: np.ndarray  # uint8 (h, w, 3)
-    hr: np.ndarray  # uint8 (h*s, w*s, 3)
-    prior: np.ndarray  # float32 (15,) or (18,)
-    noise_sigma: float
-
-
-def _eval_images(images_url: str, cfg: Config) -> list[str]:
-    names = [n for n in storage.list_files(images_url, cfg.storage.s3) if n.lower().endswith(IMAGE_EXTENSIONS)]
-    if not names:
-        raise ValueError(f"{storage.redact(images_url)}: no images ({', '.join(IMAGE_EXTENSIONS)}) to evaluate on")
-    return names
-
-
-def _eval_manifest(protocol_name: str, images: list[str], shards: list[dict], complete: bool) -> bytes:
-    body = {
-        "format": EVAL_FORMAT,
-        "protocol": protocol_name,
-        "complete": complete,
-        "images": images,
-        "rows": sum(s["rows"] for s in shards),
-        "shards": shards,
-    }
-    return (json.dumps(body, indent=1) + "\n").encode()
-
-
-def _load_eval_manifest(dst_url: str, s3_cfg: S3Config) -> dict | None:
-    try:
-        return json.loads(storage.read_bytes(storage.join(dst_url, EVAL_MANIFEST), s3_cfg))
-    except FileNotFoundError:
-        return None
-
-
-def _pairs_of_image(protocol, image_key: str, pixels: np.ndarray, basis: torch.Tensor) -> list[dict]:
-    hr = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0  # (3, H, W)
-    rows = []
-    for case in protocol.cases:
-        cropped, lr = protocol.make_pair(hr, case, image_key)
-        rows.append(
-            {
-                "image_key": image_key,
-                "case": case.name,
-                "lr": encode_png(_to_uint8_hwc(lr)),
-                "hr": encode_png(_to_uint8_hwc(cropped)),
-                "prior": protocol.prior(case, basis).tolist(),
-                "noise_sigma": float(case.noise_sigma),
-            }
-        )
-    return rows
-
-
-def _to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
-    return (image * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
-
-
-def write_eval_shards(
-    images_url: str, protocol_name: str, dst_url: str, cfg: Config, basis: torch.Tensor | None = None
-) -> dict:
-    """Degrade every image under `images_url` with every case of the protocol, once, into LR/HR
-    parquet shards under `dst_url` (EVAL_SCHEMA) plus manifest.json; returns the manifest.
-
-    A complete manifest for the same protocol and images means the work is done: nothing is
-    redone. `basis` (the PCA basis of the model to score) defaults to `model.pca_seed`'s.
-    """
-    protocol = get_protocol(protocol_name)
-    images = _eval_images(images_url, cfg)
-    s3_cfg = cfg.storage.s3
-    previous = _load_eval_manifest(dst_url, s3_cfg)
-    if previous and previous.get("complete") and previous["protocol"] == protocol_name and previous["images"] == images:
-        return previous
-    basis = kernel_pca_basis(seed=cfg.model.pca_seed) if basis is None else basis
-    rows: list[dict] = []
-    shards: list[dict] = []
-
-    def flush() -> None:
-        name = f"shard-{len(shards):05d}.parquet"
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), sink)
-        storage.atomic_write_bytes(storage.join(dst_url, name), sink.getvalue().to_pybytes(), s3_cfg)
-        shards.append({"name": name, "rows": len(rows)})
-        rows.clear()
-
-    for name in images:
-        pixels = read_rgb(storage.read_bytes(storage.join(images_url, name), s3_cfg), name=name)
-        rows.extend(_pairs_of_image(protocol, name, pixels, basis))
-        if len(rows) >= EVAL_ROWS_PER_SHARD:
-            flush()
-    if rows:
-        flush()
-    manifest = _eval_manifest(protocol_name, images, shards, complete=True)
-    storage.atomic_write_bytes(storage.join(dst_url, EVAL_MANIFEST), manifest, s3_cfg)
-    return json.loads(manifest)
-
-
-def read_eval_shards(url: str, cfg: Config | None = None) -> list[EvalPair]:
-    """Every LR/HR pair written by `write_eval_shards` under `url`, decoded, in written order."""
-    s3_cfg = cfg.storage.s3 if cfg is not None else None
-    manifest = _load_eval_manifest(url, s3_cfg)
-    if manifest is None or not manifest.get("complete"):
-        raise ValueError(f"{storage.redact(url)}: no complete evaluation shards (run write_eval_shards first)")
-    pairs = []
-    for shard in manifest["shards"]:
-        shard_url = storage.join(url, shard["name"])
-        table = pq.read_table(io.BytesIO(storage.read_bytes(shard_url, s3_cfg)))
-        for row in table.to_pylist():
-            name = f"{storage.redact(shard_url)} {row['image_key']} {row['case']}"
-            pairs.append(
-                EvalPair(
-                    image_key=row["image_key"],
-                    case=row["case"],
-                    lr=read_rgb(row["lr"], f"{name} lr"),
-                    hr=read_rgb(row["hr"], f"{name} hr"),
-                    prior=np.asarray(row["prior"], dtype=np.float32),
-                    noise_sigma=float(row["noise_sigma"]),
-                )
-            )
-    return pairs

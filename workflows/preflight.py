@@ -39,14 +39,17 @@ MAX_PROBE_S = 10.0
 def check(cfg: Config, *, skip: Collection[str] = ()) -> None:
     """Raise ConfigError naming the key if a store, folder, tracking server or GPU is not there.
 
-    `skip` names keys not to check, e.g. the image folders a pipeline step is about to create.
+    `skip` names keys not to check, e.g. the image folders a pipeline step is about to create
+    ("tracking.uri" and "train.use_gpu" skip the tracking and GPU checks of commands that use neither).
     With train.use_gpu the GPU check asks the Ray cluster (joining `ray.address` / RAY_ADDRESS
     first, as the run would) or, with no cluster, torch about this machine.
     """
     check_folders(cfg, skip=skip)
     check_endpoints(cfg, skip=skip)
-    check_tracking(cfg)
-    check_gpu(cfg)
+    if "tracking.uri" not in skip:
+        check_tracking(cfg)
+    if "train.use_gpu" not in skip:
+        check_gpu(cfg)
 
 
 def _value(cfg: Config, key: str) -> str | None:

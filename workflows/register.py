@@ -1,5 +1,4 @@
-"""`lightbsr register`: put a trained student into the MLflow model registry as a pyfunc model,
-and fetch models back (`models:/name@alias`, `s3://`, local paths) for evaluate and upscale.
+"""`lightbsr register`: put a trained student into the MLflow model registry as a pyfunc model.
 
 The pyfunc model takes uint8 (N, H, W, 3) images and returns uint8 (N, sH, sW, 3) images; it
 carries our checkpoint (weights, model config, PCA basis) as an artifact and runs the same
@@ -14,35 +13,36 @@ import importlib.metadata
 import os
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
-import yaml
 
-from lightbsr.checkpoint import CheckpointError, Loaded, load_checkpoint, save_checkpoint
+from lightbsr.checkpoint import CheckpointError, save_checkpoint
+from lightbsr.macs import count_parameters
 from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from workflows import preflight
+from workflows.cli import run
 from workflows.config import Config, add_config_arguments, load_config
+from workflows.errors import UsageError
+from workflows.references import check_registry, load_student, resolve
 from workflows.serving import CHECKPOINT_ARTIFACT, LightBSRModel
+from workflows.urls import redact, redact_text
 
-__all__ = [
-    "RegistryError",
-    "check_registry",
-    "fetch_checkpoint",
-    "load_student",
-    "main",
-    "register_checkpoint",
-]
+__all__ = ["main", "register_checkpoint", "serving_code_paths"]
 
 EVAL_TABLE_ARTIFACT = "evaluation"
 PINNED_PACKAGES = ("torch", "numpy", "Pillow", "mlflow", "PyYAML", "pydantic")
 OURS = "LightBSR (ours)"  # the method name of our lines in `lightbsr evaluate` tables
-
-
-class RegistryError(ValueError):
-    """A model reference that cannot be resolved: names the registry, the model and the alias."""
+#: config keys `register` does not read: preflight leaves them alone
+NOT_USED_KEYS = (
+    "data.train_images",
+    "data.eval_images",
+    "data.benchmarks",
+    "train.teacher_checkpoint",
+    "train.use_gpu",
+)
 
 
 def serving_code_paths() -> list[str]:
@@ -54,96 +54,15 @@ def serving_code_paths() -> list[str]:
     return [os.path.dirname(lightbsr.__file__), os.path.dirname(workflows.serving.__file__)]
 
 
-def check_registry(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, naming the URI, when an HTTP tracking server does not answer (MLflow would retry for minutes)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
-            return
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise RegistryError(f"MLflow tracking server {uri} is not reachable: {reason}") from None
-
-
-def _parse_model_uri(ref: str) -> tuple[str, str | None, str | None]:
-    """`models:/name@alias` or `models:/name/version` -> (name, alias, version)."""
-    body = ref[len("models:/") :]
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        return name, alias, None
-    name, _, version = body.partition("/")
-    return name, None, version or None
-
-
-def _model_version(ref: str, uri: str):
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    name, alias, version = _parse_model_uri(ref)
-    if not name or not (alias or version):
-        raise RegistryError(f"model reference {ref!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    check_registry(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        raise RegistryError(f"registry {uri} has no registered model {name!r} (from {ref})") from None
-    try:
-        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException:
-        what = f"alias {alias!r}" if alias else f"version {version!r}"
-        raise RegistryError(f"registered model {name!r} in {uri} has no {what} (from {ref})") from None
-
-
-def fetch_checkpoint(ref: str, cfg: Config, workdir: str | os.PathLike) -> Path:
-    """A local checkpoint file or folder for a path, an `s3://` file or folder URL, `runs:/` or `models:/`."""
-    if ref.startswith("models:/"):
-        import mlflow.artifacts
-
-        uri = cfg.tracking_uri
-        version = _model_version(ref, uri)
-        name = version.name
-        model_dir = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version.version}", dst_path=str(workdir), tracking_uri=uri
-            )
-        )
-        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-        try:
-            relative = mlmodel["flavors"]["python_function"]["artifacts"][CHECKPOINT_ARTIFACT]["path"]
-        except (KeyError, TypeError):
-            raise RegistryError(f"{ref} (version {version.version}) is not a lightbsr model: no checkpoint artifact")
-        return model_dir / relative
-    if ref.startswith("runs:/"):
-        import mlflow.artifacts
-
-        check_registry(cfg.tracking_uri)
-        return Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(workdir), tracking_uri=cfg.tracking_uri)
-        )
-    if "://" in ref and not ref.startswith("file://"):
-        from workflows import storage
-
-        url = ref.rstrip("/")
-        if storage.list_files(url, cfg.storage.s3) != [""]:  # a checkpoint folder
-            url = storage.join(url, "model.pt")
-        target = Path(workdir) / Path(url).name
-        target.write_bytes(storage.read_bytes(url, cfg.storage.s3))
-        return target
-    path = Path(ref.removeprefix("file://")).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    return path
-
-
-def load_student(ref: str, cfg: Config, map_location: str = "cpu") -> Loaded:
-    """The student behind any model reference, in eval mode (a teacher is refused)."""
-    with tempfile.TemporaryDirectory(prefix="lightbsr-model-") as workdir:
-        loaded = load_checkpoint(fetch_checkpoint(ref, cfg, workdir), map_location=map_location)
-    if loaded.role != "student":
-        raise CheckpointError(f"{ref} holds a {loaded.role}; upscaling and evaluation need a student")
-    return loaded
+def _without_userinfo(value: Any) -> Any:
+    """The stored config with every URL's user:password part removed (checkpoints of older runs may hold them)."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {key: _without_userinfo(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_userinfo(item) for item in value]
+    return value
 
 
 def _pinned_requirements() -> list[str]:
@@ -184,7 +103,8 @@ def register_checkpoint(
     check_registry(uri)
     alias = alias or cfg.tracking.alias
     with tempfile.TemporaryDirectory(prefix="lightbsr-register-") as workdir:
-        loaded = load_student(checkpoint, cfg)
+        resolved = resolve(checkpoint, cfg, workdir)
+        loaded = load_student(str(resolved.file), cfg)
         name = cfg.tracking.registered_model or f"lightbsr-x{loaded.scale}"
         # Always ship our format: an authors' checkpoint is converted (it has no PCA basis).
         ours = save_checkpoint(
@@ -195,15 +115,17 @@ def register_checkpoint(
             pca_basis=loaded.pca_basis,
             epoch=loaded.raw.get("epoch", 0),
             iteration=loaded.raw.get("iteration", 0),
-            config=loaded.raw.get("config"),
+            config=_without_userinfo(loaded.raw.get("config")),
         )
         artifacts = {CHECKPOINT_ARTIFACT: str(ours)}
         tags = {
             "scale": str(loaded.scale),
             "setting": str(loaded.setting),
-            "parameters": str(sum(p.numel() for p in loaded.model.parameters())),
-            "source": checkpoint,
+            "parameters": str(count_parameters(loaded.model)),
+            "source": redact(checkpoint),
         }
+        if resolved.registry is not None:  # re-registered from the registry: which version it was
+            tags["source_version"] = resolved.registry.uri
         if eval_table:
             artifacts[EVAL_TABLE_ARTIFACT] = eval_table
             if eval_table.endswith(".csv"):
@@ -247,15 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    preflight.check(cfg, skip=NOT_USED_KEYS)
     try:
-        cfg = load_config(args.config, args.overrides)
         name, version = register_checkpoint(args.checkpoint, cfg, args.alias, args.eval_table)
-    except (RegistryError, CheckpointError, ValueError) as error:
-        print(f"lightbsr register: {error}", file=sys.stderr)
-        return 1
+    except CheckpointError as error:
+        raise UsageError(str(error)) from None
     print(f"registered models:/{name}/{version} as models:/{name}@{args.alias or cfg.tracking.alias}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run(main, prog="lightbsr register"))

@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from lightbsr.samples import SampleError, extract_samples
+from workflows.cli import run
+from workflows.errors import RuntimeFailure
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -20,13 +22,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """No config, so no preflight: the only input is the destination folder. A failed download is exit 1."""
     args = parse_args(argv)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     try:
         report = extract_samples(args.dir, log=log)
     except SampleError as error:
-        print(f"lightbsr samples: error: {error}", file=sys.stderr)
-        return 1
+        raise RuntimeFailure(str(error)) from None
     print(
         f"{len(report.written)} written, {len(report.kept)} already present in {report.dest}; "
         f"sources and licences in {report.attribution}"
@@ -35,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, prog="lightbsr samples"))

@@ -1,5 +1,7 @@
-"""The registered model: a pyfunc wrapper around the student, kept apart from the rest of
-`workflows` so that the registry ships only it and `lightbsr/` (see `register.serving_code_paths`).
+"""The registered model: a pyfunc wrapper around the student, in a module of its own so that loading
+it imports only this file and `lightbsr/` (the registry ships the `lightbsr/` and `workflows/`
+folders, see `register.serving_code_paths`; `workflows/__init__.py` is empty and this module imports
+nothing else of `workflows`), and needs torch + mlflow, not this project.
 
 uint8 (N, H, W, 3) or (H, W, 3) images in, uint8 upscaled images out, tiled with codes shared
 over the whole image (params `tile`, `overlap`).
@@ -9,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import torch
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from lightbsr.checkpoint import load_checkpoint
 from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, upscale
@@ -19,15 +21,18 @@ from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, upscale
 CHECKPOINT_ARTIFACT = "checkpoint"
 
 
-class LightBSRModel(mlflow.pyfunc.PythonModel):
+class LightBSRModel(PythonModel):
     """uint8 (N, H, W, 3) or (H, W, 3) images -> uint8 upscaled images, tiled with shared codes."""
 
-    def load_context(self, context) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         loaded = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT], map_location=device)
         self.student = loaded.model.to(device)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(
+        self, context: PythonModelContext | None, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
+        # np.ndarray is a type hint MLflow accepts without inferring a schema: the logged signature is the schema.
         params = params or {}
         images = np.asarray(model_input)
         single = images.ndim == 3

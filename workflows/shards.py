@@ -33,9 +33,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError, encode_png, read_rgb
-from workflows import storage
-from workflows.config import Config, ConfigError, add_config_arguments, load_config
-from workflows.storage import StorageError
+from workflows import preflight, storage
+from workflows.cli import run
+from workflows.config import Config, add_config_arguments, load_config
+from workflows.errors import UsageError
 
 __all__ = ["MANIFEST_NAME", "SHARD_SCHEMA", "Manifest", "ShardEntry", "ShardsError", "main", "write_shards"]
 
@@ -57,7 +58,7 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-class ShardsError(ValueError):
+class ShardsError(UsageError, ValueError):
     """The sources or the destination do not allow a consistent set of shards."""
 
 
@@ -124,7 +125,7 @@ class Manifest:
     def from_json(cls, text: str, name: str) -> Manifest:
         try:
             body = json.loads(text)
-        except ValueError as error:
+        except json.JSONDecodeError as error:
             raise ShardsError(f"{name} is not valid JSON: {error}") from None
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise ShardsError(f"{name} is not a {FORMAT} manifest")
@@ -355,6 +356,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def preflight_skips(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
+    """Config keys `shards` does not use: only the source and destination (when not given as options)."""
+    skip = ["data.eval_images", "data.benchmarks", "train.teacher_checkpoint", "tracking.uri", "train.use_gpu"]
+    if args.src:
+        skip.append("data.train_images")
+    if args.dst:
+        skip += ["data.shards", "storage.root"]
+    elif cfg.data.shards:
+        skip.append("storage.root")
+    return tuple(skip)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides)
@@ -363,17 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiles_per_shard is not None:
         overrides.append(f"data.tiles_per_shard={args.tiles_per_shard}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as error:
-        print(f"lightbsr shards: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
+    preflight.check(cfg, skip=preflight_skips(args, cfg))
     src, dst = args.src or cfg.data.train_images, args.dst or cfg.shards_url
     try:
         manifest = write_shards(src, dst, cfg, progress=not args.quiet)
-    except (ImageError, ShardsError, StorageError) as error:
-        print(f"lightbsr shards: error: {error}", file=sys.stderr)
-        return 1
+    except ImageError as error:
+        raise UsageError(str(error)) from None
     print(
         f"{manifest.tiles} tiles in {len(manifest.shards)} shards ({manifest.bytes} bytes) from "
         f"{manifest.images} images, {len(manifest.skipped)} skipped -> {storage.redact(dst)}"
@@ -384,4 +393,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, prog="lightbsr shards"))

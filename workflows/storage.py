@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TypeVar
 import fsspec
 import pyarrow.fs as pafs
 
+from lightbsr import files
 from workflows.config import S3Config
 from workflows.urls import is_s3, join, local_path, redact
 
@@ -203,15 +203,4 @@ def atomic_write_bytes(url: str, data: bytes, s3_cfg: S3Config | None = None) ->
 
 
 def _atomic_local_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    files.atomic_write_bytes(path, data)

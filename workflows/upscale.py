@@ -1,6 +1,8 @@
 """`lightbsr upscale --model MODEL IN OUT`: upscale an image, a folder or an fsspec URL.
 
-MODEL is `models:/name@alias`, an `s3://` URL or a checkpoint path (ours or the authors').
+MODEL is any model reference (`workflows.references`): `models:/name@alias` or `models:/name/version`
+(with the tracking URI in `tracking.uri` or MLFLOW_TRACKING_URI), `runs:/<run_id>/<path>`, an `s3://`
+URL or a checkpoint path (ours or the authors').
 Inference is tiled with the whole-image codes shared by every tile, on the GPU when there is
 one. Each output keeps its input's format (PNG, JPEG or WebP; others become PNG) unless
 `--format` says otherwise, and appears only when complete.
@@ -15,15 +17,17 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from lightbsr.checkpoint import CheckpointError
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError, read_rgb
 from lightbsr.tiling import MIN_SIDE, upscale
-from workflows import storage
+from workflows import preflight, references, storage
+from workflows.cli import run
 from workflows.config import Config, add_config_arguments, load_config
-from workflows.register import RegistryError, load_student
+from workflows.errors import UsageError
+from workflows.urls import redact
 
 __all__ = ["Job", "encode_image", "main", "plan_jobs", "upscale_all"]
 
@@ -50,14 +54,14 @@ def plan_jobs(src: str, out: str, cfg: Config) -> list[Job]:
     try:
         files = storage.list_files(src, cfg.storage.s3)
     except FileNotFoundError:
-        raise ValueError(f"input {src} does not exist") from None
+        raise UsageError(f"input {redact(src)} does not exist") from None
     if files == [""]:
         name = PurePosixPath(src.rstrip("/")).name
         target = None if _is_folder_target(out, False) else out
         return [Job(src, target, name)]
     images = [f for f in files if PurePosixPath(f).suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
-        raise ValueError(f"input folder {src} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise UsageError(f"input folder {redact(src)} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return [Job(storage.join(src, f), None, f) for f in images]
 
 
@@ -65,14 +69,19 @@ def input_format(data: bytes) -> str:
     """PNG / JPEG / WEBP as Pillow detects it from the bytes; other formats come out as PNG."""
     try:
         detected = Image.open(io.BytesIO(data)).format
-    except Exception:  # read_rgb reports unreadable files with a proper message
+    except (UnidentifiedImageError, OSError):  # read_rgb reports unreadable files with a proper message
         return "PNG"
     return detected if detected in EXTENSIONS else "PNG"
 
 
 def encode_image(pixels, fmt: str) -> bytes:
     """uint8 (H, W, 3) -> file bytes; WebP lossless, JPEG at quality 95."""
-    options = {"PNG": {}, "JPEG": {"quality": JPEG_QUALITY}, "WEBP": {"lossless": True}}[fmt]
+    formats: dict[str, dict[str, int | bool]] = {
+        "PNG": {},
+        "JPEG": {"quality": JPEG_QUALITY},
+        "WEBP": {"lossless": True},
+    }
+    options = formats[fmt]
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt, **options)
     return buffer.getvalue()
@@ -82,7 +91,7 @@ def _target(job: Job, out: str, fmt: str) -> str:
     if job.target is not None:
         suffix = PurePosixPath(job.target).suffix.lower().lstrip(".")
         if suffix in FORMATS and FORMATS[suffix] != fmt:
-            raise ValueError(f"output {job.target}: extension .{suffix} does not match the format {fmt}")
+            raise UsageError(f"output {redact(job.target)}: extension .{suffix} does not match the format {fmt}")
         return job.target
     stem = str(PurePosixPath(job.relative).with_suffix(""))
     return storage.join(out, stem + EXTENSIONS[fmt])
@@ -100,7 +109,7 @@ def upscale_all(
     """Upscale every image of `src` into `out`; returns the written outputs. Stops at the first bad input."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     jobs = plan_jobs(src, out, cfg)
-    student = load_student(model, cfg, map_location=device).model.to(device)
+    student = references.load_student(model, cfg, map_location=device).model.to(device)
     written = []
     for job in tqdm(jobs, desc="upscale", unit="image", disable=not progress):
         data = storage.read_bytes(job.source, cfg.storage.s3)
@@ -115,7 +124,11 @@ def upscale_all(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightbsr upscale", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="models:/name@alias, s3:// URL or checkpoint path")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="models:/name@alias, models:/name/version, runs:/..., s3:// URL or checkpoint path",
+    )
     parser.add_argument("input", help="image, folder or fsspec URL")
     parser.add_argument("output", help="output file (one input) or folder")
     parser.add_argument("--format", choices=sorted(FORMATS), help="output format (default: the input's)")
@@ -127,20 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preflight_skips(model: str) -> tuple[str, ...]:
+    """Config keys `upscale` does not use (only the model's tracking store, for MLflow references)."""
+    skip = ["data.train_images", "data.eval_images", "data.benchmarks", "data.shards", "train.teacher_checkpoint"]
+    skip += ["storage.root", "train.use_gpu"]
+    if references.parse(model).kind not in ("model", "run"):
+        skip.append("tracking.uri")
+    return tuple(skip)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
     overrides += [f"evaluate.tile={args.tile}"] if args.tile else []
     overrides += [f"evaluate.overlap={args.overlap}"] if args.overlap is not None else []
+    cfg = load_config(args.config, overrides)
+    preflight.check(cfg, skip=preflight_skips(args.model))
     try:
-        cfg = load_config(args.config, overrides)
         written = upscale_all(args.model, args.input, args.output, cfg, args.format, args.device, not args.quiet)
-    except (ImageError, CheckpointError, RegistryError, storage.StorageError, ValueError) as error:
-        print(f"lightbsr upscale: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {len(written)} image(s) to {args.output}")
+    except (ImageError, CheckpointError) as error:
+        raise UsageError(str(error)) from None
+    print(f"wrote {len(written)} image(s) to {redact(args.output)}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run(main, prog="lightbsr upscale"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -44,6 +46,45 @@ def test_student_round_trips_through_our_format(tmp_path, target):
     lr = torch.rand(1, 3, 13, 17, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(loaded.model(lr), student(lr))
+
+
+def test_a_save_that_fails_keeps_the_previous_checkpoint_and_no_temporary(tmp_path):
+    student = randomised(Student(2, 1, 2), seed=0)
+    save_checkpoint(tmp_path / "ckpt", student, role="student", model_config=SMALL, pca_basis=None, epoch=1)
+    before = (tmp_path / "ckpt" / "model.pt").read_bytes()
+    unpicklable = {"callback": lambda: None}  # torch.save fails while serialising it
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+        save_checkpoint(
+            tmp_path / "ckpt", student, role="student", model_config=SMALL, pca_basis=None, train_state=unpicklable
+        )
+    assert (tmp_path / "ckpt" / "model.pt").read_bytes() == before
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["model.pt"]
+    assert load_checkpoint(tmp_path / "ckpt").raw["epoch"] == 1
+
+
+def test_missing_model_config_keys_take_the_paper_defaults(tmp_path):
+    student = randomised(Student(2, 1, 2), seed=0)
+    save_checkpoint(
+        tmp_path / "s.pt",
+        student,
+        role="student",
+        model_config={"scale": 2, "n_groups": 1, "n_blocks": 2},
+        pca_basis=None,
+    )
+    expected = {
+        "scale": 2,
+        "setting": 1,
+        "n_groups": 1,
+        "n_blocks": 2,
+        "queue_size": 8192,
+        "momentum": 0.999,
+        "pca_seed": 0,
+    }
+    assert load_checkpoint(tmp_path / "s.pt").model_config == expected
+    with pytest.raises(CheckpointError, match=r"unknown model_config keys \['depth'\]"):
+        save_checkpoint(
+            tmp_path / "x.pt", student, role="student", model_config={"scale": 2, "depth": 3}, pca_basis=None
+        )
 
 
 def test_teacher_round_trips_with_its_queue(tmp_path):

@@ -16,6 +16,7 @@ def write(tmp_path, text):
 def test_defaults_are_the_paper_recipe():
     cfg = load_config()
     assert (cfg.model.n_groups, cfg.model.n_blocks, cfg.model.scale) == (8, 8, 4)
+    assert (cfg.model.setting, cfg.model.queue_size, cfg.model.momentum, cfg.model.pca_seed) == (1, 8192, 0.999, 0)
     assert (cfg.schedule.epochs, cfg.schedule.iters_per_epoch, cfg.schedule.phase1_epochs) == (700, 970, 100)
     assert (cfg.train.batch_size, cfg.data.patch_size) == (64, 64)
     assert (cfg.loss.contrastive_temperature, cfg.loss.kd_temperature, cfg.loss.channel_l1_weight) == (0.07, 0.15, 0.1)
@@ -58,6 +59,22 @@ def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
     assert cfg.shards_url == str(tmp_path / "runs" / "shards" / "train")
 
 
+@pytest.mark.parametrize(
+    "reference",
+    ["models:/lightbsr-x4@champion", "models:/lightbsr-x4/3", "runs:/0123abcd/checkpoint", "s3://bucket/t/model.pt"],
+)
+def test_a_remote_teacher_checkpoint_stays_as_given(reference):
+    assert load_config(overrides=[f"train.teacher_checkpoint={reference}"]).train.teacher_checkpoint == reference
+
+
+def test_a_relative_teacher_checkpoint_becomes_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides=["train.teacher_checkpoint=runs/teacher/model.pt"])
+    assert cfg.train.teacher_checkpoint == str(tmp_path / "runs" / "teacher" / "model.pt")
+    url = "file:///data/teacher.pt"
+    assert load_config(overrides=[f"train.teacher_checkpoint={url}"]).train.teacher_checkpoint == url
+
+
 def test_tracking_uri_default_env_and_remote_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(overrides=[f"storage.root={tmp_path}"])
@@ -67,7 +84,7 @@ def test_tracking_uri_default_env_and_remote_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     remote = load_config(overrides=["storage.root=s3://bucket/runs"])
     with pytest.raises(ConfigError, match=r"tracking\.uri"):
-        remote.tracking_uri
+        _ = remote.tracking_uri
 
 
 def test_flatten_config_names_every_leaf():

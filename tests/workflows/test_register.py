@@ -18,15 +18,19 @@ from lightbsr.student import Student
 from lightbsr.tiling import upscale
 from tests.fixtures.mlflow_server import free_port
 from tests.fixtures.paths import REPO
+from workflows.cli import run
 from workflows.config import load_config
+from workflows.errors import EXIT_USAGE
 from workflows.evaluate import build_tables
-from workflows.register import RegistryError, fetch_checkpoint, register_checkpoint
+from workflows.references import RegistryError, fetch_checkpoint, resolve
 from workflows.register import main as register_main
+from workflows.register import register_checkpoint
 from workflows.upscale import main as upscale_main
 
 pytestmark = pytest.mark.unit
 
 MODEL_CONFIG = {"scale": 2, "setting": 1, "n_groups": 1, "n_blocks": 2}
+SECRET = "Pa55w0rd-in-userinfo"
 
 
 def small_student(seed: int = 0) -> Student:
@@ -43,7 +47,11 @@ def small_student(seed: int = 0) -> Student:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "student"
-    save_checkpoint(path, small_student(), role="student", model_config=MODEL_CONFIG, pca_basis=torch.zeros(441, 15))
+    config = {"tracking": {"uri": f"http://trainer:{SECRET}@mlflow.example:5000"}}  # as an older run stored it
+    save_checkpoint(
+        path, small_student(), role="student", model_config=MODEL_CONFIG, pca_basis=torch.zeros(441, 15), config=config
+    )
+    assert SECRET.encode() in (path / "model.pt").read_bytes()
     return path
 
 
@@ -170,6 +178,8 @@ def test_registered_version_carries_tags_alias_signature_and_artifacts(registere
     raw = torch.load(model_file, weights_only=True)
     assert raw["format"] == "lightbsr/1" and raw["model_config"]["scale"] == 2
     assert torch.equal(raw["pca_basis"], torch.zeros(441, 15))
+    assert raw["config"] == {"tracking": {"uri": "http://mlflow.example:5000"}}  # the userinfo is not registered
+    assert SECRET.encode() not in model_file.read_bytes()
     from mlflow.models import get_model_info
 
     info = get_model_info(f"models:/{name}/{version}")
@@ -193,7 +203,8 @@ def test_missing_model_or_alias_is_named_and_nothing_is_written(registered, ref,
     from PIL import Image
 
     Image.fromarray(photo).save(tmp_path / "in.png")
-    code = upscale_main(
+    code = run(
+        upscale_main,
         [
             "--model",
             ref,
@@ -202,9 +213,10 @@ def test_missing_model_or_alias_is_named_and_nothing_is_written(registered, ref,
             "--set",
             f"tracking.uri={cfg.tracking_uri}",
             "--quiet",
-        ]
+        ],
+        prog="lightbsr upscale",
     )
-    assert code == 1 and named in capsys.readouterr().err
+    assert code == EXIT_USAGE and named in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -227,12 +239,34 @@ def test_registry_that_is_down_is_named_quickly_and_leaves_no_output(tmp_path, s
         text=True,
         timeout=120,
     )
-    assert done.returncode == 1
+    assert done.returncode == EXIT_USAGE  # preflight: a tracking server that is down is a config error
     assert f"MLflow tracking server {uri} is not reachable" in done.stderr
     assert list(tmp_path.iterdir()) == []
 
 
 def test_register_with_the_registry_down_names_it(tmp_path, capsys):
     uri = f"http://127.0.0.1:{free_port()}"
-    assert register_main(["--checkpoint", str(tmp_path / "any.pt"), "--set", f"tracking.uri={uri}"]) == 1
+    argv = ["--checkpoint", str(tmp_path / "any.pt"), "--set", f"tracking.uri={uri}"]
+    assert run(register_main, argv, prog="lightbsr register") == EXIT_USAGE
     assert f"MLflow tracking server {uri} is not reachable" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_alias_resolves_to_its_version_and_a_run_artifact_to_its_file(registered, checkpoint, tmp_path):
+    """`models:/name@alias` says which version it pointed at; `runs:/<id>/checkpoint` is the file logged there."""
+    from mlflow import MlflowClient
+
+    cfg, name, version = registered
+    found = resolve(f"models:/{name}@champion", cfg, tmp_path / "alias")
+    assert found.registry is not None and (found.registry.name, found.registry.version) == (name, version)
+    by_number = resolve(f"models:/{name}/{version}", cfg, tmp_path / "number")
+    assert by_number.file.read_bytes() == found.file.read_bytes()
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    experiment = client.get_experiment_by_name("register-test")  # made by the fixture's registration
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    client.log_artifact(run_id, str(checkpoint / "model.pt"), artifact_path="checkpoint")
+    fetched = resolve(f"runs:/{run_id}/checkpoint", cfg, tmp_path / "run")
+    assert fetched.registry is None
+    assert fetched.file.name == "model.pt" and fetched.file.read_bytes() == (checkpoint / "model.pt").read_bytes()
+    with pytest.raises(RegistryError, match="cannot be fetched"):
+        resolve(f"runs:/{run_id}/no-such-artifact", cfg, tmp_path / "missing")

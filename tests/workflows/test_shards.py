@@ -15,7 +15,9 @@ from PIL import Image
 from lightbsr.images import ImageError, read_rgb
 from tests.fixtures.images import bad_images, exif_rotated_jpeg
 from workflows import storage
+from workflows.cli import run
 from workflows.config import load_config
+from workflows.errors import EXIT_OK, EXIT_USAGE
 from workflows.shards import MANIFEST_NAME, SHARD_SCHEMA, ShardsError, main, write_shards
 from workflows.storage import StorageError
 
@@ -73,7 +75,7 @@ def test_shards_hold_every_tile_of_every_photo_in_the_agreed_schema(photo_dir, l
 
 
 def test_manifest_counts_bytes_and_shards(local_reference):
-    dst, manifest = local_reference
+    dst, _ = local_reference
     body = json.loads((dst / MANIFEST_NAME).read_text())
     assert body["complete"] and body["tile_size"] == TILE and body["tiles_per_shard"] == PER_SHARD
     assert body["counts"] == {"sources": 3, "images": 3, "skipped": 0, "tiles": 33, "shards": 3}
@@ -155,9 +157,10 @@ def test_every_bad_file_is_a_counted_skip_with_its_reason(mixed_dir, tmp_path, c
 
 def test_a_single_bad_file_is_a_clear_error(mixed_dir, tmp_path, capsys):
     folder, _, _ = mixed_dir
-    with pytest.raises(ImageError, match="cmyk.jpg: cmyk"):
+    with pytest.raises(ImageError, match=r"cmyk\.jpg: cmyk"):
         write_shards(str(folder / "bad" / "cmyk.jpg"), str(tmp_path / "one"), make_cfg(), progress=False)
-    code = main(
+    code = run(
+        main,
         [
             "--src",
             str(folder / "bad" / "truncated.png"),
@@ -168,16 +171,18 @@ def test_a_single_bad_file_is_a_clear_error(mixed_dir, tmp_path, capsys):
             "--tile-size",
             str(TILE),
             "-q",
-        ]
+        ],
+        prog="lightbsr shards",
     )
-    assert code == 1
+    assert code == EXIT_USAGE
     assert "truncated.png: truncated" in capsys.readouterr().err
     assert not (tmp_path / "two" / "shard-00000.parquet").exists()
 
 
 @pytest.mark.e2e
 def test_shards_command_shows_progress_and_a_summary(photo_dir, tmp_path, capsys):
-    code = main(
+    code = run(
+        main,
         [
             "--src",
             str(photo_dir),
@@ -189,13 +194,15 @@ def test_shards_command_shows_progress_and_a_summary(photo_dir, tmp_path, capsys
             str(TILE),
             "--tiles-per-shard",
             str(PER_SHARD),
-        ]
+        ],
+        prog="lightbsr shards",
     )
     captured = capsys.readouterr()
-    assert code == 0
+    assert code == EXIT_OK
     assert "33 tiles in 3 shards" in captured.out and "from 3 images, 0 skipped" in captured.out
     assert "shards: 100%" in captured.err and "3/3" in captured.err
-    assert main(["--src", str(photo_dir), "--dst", str(tmp_path / "x"), "--tile-size", "8"]) == 2
+    assert run(main, ["--src", str(photo_dir), "--dst", str(tmp_path / "x"), "--tile-size", "8"]) == EXIT_USAGE
+    assert "data.tile_size" in capsys.readouterr().err
 
 
 def s3_objects(server, prefix):

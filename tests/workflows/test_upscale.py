@@ -14,9 +14,16 @@ from lightbsr.checkpoint import save_checkpoint
 from lightbsr.images import read_rgb
 from lightbsr.student import Student
 from lightbsr.tiling import upscale
+from workflows.cli import run
+from workflows.errors import EXIT_OK, EXIT_USAGE
 from workflows.upscale import main
 
 pytestmark = pytest.mark.e2e
+
+
+def lightbsr_upscale(argv: list[str]) -> int:
+    """The command as a user runs it: its exit code, its one-line error on stderr."""
+    return run(main, argv, prog="lightbsr upscale")
 
 
 def student() -> Student:
@@ -50,7 +57,10 @@ def files_under(folder: Path) -> list[str]:
 @pytest.mark.parametrize("suffix,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".webp", "WEBP")])
 def test_each_format_comes_back_in_the_same_format_at_twice_the_size(tmp_path, model_path, photo, suffix, fmt):
     Image.fromarray(photo).save(tmp_path / f"in{suffix}", format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
-    assert main(["--model", model_path, str(tmp_path / f"in{suffix}"), str(tmp_path / "out") + "/", "--quiet"]) == 0
+    assert (
+        lightbsr_upscale(["--model", model_path, str(tmp_path / f"in{suffix}"), str(tmp_path / "out") + "/", "--quiet"])
+        == EXIT_OK
+    )
     out = tmp_path / "out" / f"in{'.jpg' if fmt == 'JPEG' else suffix}"
     with Image.open(out) as image:
         assert image.format == fmt and image.size == (128, 96)
@@ -65,7 +75,10 @@ def test_format_option_converts_and_a_folder_keeps_its_layout(tmp_path, model_pa
     Image.fromarray(photo[:, ::-1]).save(tmp_path / "in" / "sub" / "b.jpg", quality=95)
     (tmp_path / "in" / "notes.txt").write_text("not an image, and not listed")
     assert (
-        main(["--model", model_path, str(tmp_path / "in"), str(tmp_path / "out"), "--format", "webp", "--quiet"]) == 0
+        lightbsr_upscale(
+            ["--model", model_path, str(tmp_path / "in"), str(tmp_path / "out"), "--format", "webp", "--quiet"]
+        )
+        == EXIT_OK
     )
     assert files_under(tmp_path / "out") == ["a.webp", "sub/b.webp"]
     with Image.open(tmp_path / "out" / "a.webp") as image:
@@ -74,7 +87,10 @@ def test_format_option_converts_and_a_folder_keeps_its_layout(tmp_path, model_pa
 
 def test_output_extension_that_contradicts_the_format_is_refused(tmp_path, model_path, photo, capsys):
     Image.fromarray(photo).save(tmp_path / "in.png")
-    assert main(["--model", model_path, str(tmp_path / "in.png"), str(tmp_path / "out.jpg"), "--quiet"]) == 1
+    assert (
+        lightbsr_upscale(["--model", model_path, str(tmp_path / "in.png"), str(tmp_path / "out.jpg"), "--quiet"])
+        == EXIT_USAGE
+    )
     assert "out.jpg: extension .jpg does not match the format PNG" in capsys.readouterr().err
     assert not (tmp_path / "out.jpg").exists()
 
@@ -102,7 +118,7 @@ def test_bad_images_are_named_and_leave_no_output(tmp_path, model_path, photo, c
     (tmp_path / "in").mkdir()
     for name, words in bad_inputs(tmp_path / "in", photo).items():
         out = tmp_path / "out" / name
-        assert main(["--model", model_path, str(tmp_path / "in" / name), str(out), "--quiet"]) == 1
+        assert lightbsr_upscale(["--model", model_path, str(tmp_path / "in" / name), str(out), "--quiet"]) == EXIT_USAGE
         err = capsys.readouterr().err
         assert name in err and words in err, err
         assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []
@@ -112,7 +128,9 @@ def test_a_bad_image_in_a_folder_stops_the_run_without_partial_files(tmp_path, m
     (tmp_path / "in").mkdir()
     Image.fromarray(photo).save(tmp_path / "in" / "a_good.png")
     (tmp_path / "in" / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    assert main(["--model", model_path, str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"]) == 1
+    assert (
+        lightbsr_upscale(["--model", model_path, str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"]) == EXIT_USAGE
+    )
     assert "b_broken.png" in capsys.readouterr().err
     assert files_under(tmp_path / "out") == ["a_good.png"]  # complete, and no temporary leftovers
 
@@ -124,9 +142,41 @@ def test_missing_or_wrong_model_is_named(tmp_path, photo, capsys):
         (str(tmp_path / "nope.pt"), "nope.pt does not exist"),
         (str(tmp_path / "junk.pt"), "junk.pt is not a readable torch checkpoint"),
     ):
-        assert main(["--model", model, str(tmp_path / "in.png"), str(tmp_path / "out.png"), "--quiet"]) == 1
+        assert (
+            lightbsr_upscale(["--model", model, str(tmp_path / "in.png"), str(tmp_path / "out.png"), "--quiet"])
+            == EXIT_USAGE
+        )
         assert words in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a_registered_model_without_a_tracking_uri_says_what_to_set_and_creates_no_store(
+    tmp_path, photo, capsys, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # storage.root defaults to ./runs, where MLflow would create mlflow.db
+    Image.fromarray(photo).save(tmp_path / "in.png")
+    code = lightbsr_upscale(["--model", "models:/lightbsr-x4@champion", "in.png", "out.png", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "tracking.uri" in err and "MLFLOW_TRACKING_URI" in err and "models:/lightbsr-x4@champion" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]  # no runs/mlflow.db, no output
+
+
+@pytest.mark.parametrize(
+    "model,words",
+    [
+        ("https://user:{secret}@models.example.invalid/student.pt", "scheme 'https' is not supported"),
+        ("s3://AKIAEXAMPLE:{secret}@bucket/student.pt", "s3://bucket/student.pt: s3:// URLs carry no credentials"),
+    ],
+)
+def test_userinfo_in_a_model_url_is_refused_and_never_printed(tmp_path, photo, capsys, model, words):
+    Image.fromarray(photo).save(tmp_path / "in.png")
+    secret = "s3cr3t-Pa55"
+    argv = ["--model", model.format(secret=secret), str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--quiet"]
+    assert lightbsr_upscale(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert words in err and secret not in err
 
 
 def test_folder_url_in_and_out_of_s3_with_the_model_on_s3(s3_server, model_path, photo, tmp_path):
@@ -137,9 +187,17 @@ def test_folder_url_in_and_out_of_s3_with_the_model_on_s3(s3_server, model_path,
     base = f"s3://{s3_server.bucket}/up"
     client.put_object(Bucket=s3_server.bucket, Key="up/ckpt_folder/model.pt", Body=Path(model_path).read_bytes())
     with s3_server.environment():
-        assert main(["--model", f"{base}/models/student.pt", f"{base}/in", f"{base}/out", "--quiet"]) == 0
-        assert main(["--model", f"{base}/ckpt_folder", f"{base}/in/a.png", str(tmp_path / "f.png"), "--quiet"]) == 0
-        assert main(["--model", model_path, f"{base}/in/a.png", str(tmp_path / "a.png"), "--quiet"]) == 0
+        assert (
+            lightbsr_upscale(["--model", f"{base}/models/student.pt", f"{base}/in", f"{base}/out", "--quiet"])
+            == EXIT_OK
+        )
+        assert (
+            lightbsr_upscale(["--model", f"{base}/ckpt_folder", f"{base}/in/a.png", str(tmp_path / "f.png"), "--quiet"])
+            == EXIT_OK
+        )
+        assert (
+            lightbsr_upscale(["--model", model_path, f"{base}/in/a.png", str(tmp_path / "a.png"), "--quiet"]) == EXIT_OK
+        )
     listed = client.list_objects_v2(Bucket=s3_server.bucket, Prefix="up/out/")
     assert sorted(o["Key"] for o in listed["Contents"]) == ["up/out/a.png", "up/out/b.webp"]
     body = client.get_object(Bucket=s3_server.bucket, Key="up/out/b.webp")["Body"].read()
