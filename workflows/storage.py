@@ -18,12 +18,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow.fs as pafs
 
-from workflows.config import S3Config
+from lightbsr.images import IMAGE_EXTENSIONS
+from workflows.config import Config, S3Config
 from workflows.urls import is_s3, join, local_path, redact
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "is_s3",
     "join",
     "list_files",
+    "list_images",
+    "ray_storage",
     "read_bytes",
     "redact",
     "retrying",
@@ -188,6 +191,24 @@ def list_files(url: str, s3_cfg: S3Config | None = None) -> list[str]:
         return sorted(path[len(prefix) :] for path in fs.find(root) if path.startswith(prefix))
 
     return retrying("list", url, walk, s3_cfg)
+
+
+def list_images(url: str, s3_cfg: S3Config | None = None) -> list[str]:
+    """The image files (by extension) under the folder `url`, as paths relative to it (posix, sorted)."""
+    return [name for name in list_files(url, s3_cfg) if name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def ray_storage(cfg: Config) -> dict[str, Any]:
+    """`storage_path` and `storage_filesystem` for a Ray `RunConfig` (Train and Tune) under `storage.root`.
+
+    For `s3://` the filesystem carries the configured endpoint, region, retries and connect
+    timeout, and the path has no scheme (Ray then resolves it on that filesystem); a local root
+    is an absolute path with Ray's own local filesystem.
+    """
+    if is_s3(cfg.storage.root):
+        fs, path = filesystem(cfg.storage.root, cfg.storage.s3)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": _local_path(cfg.storage.root), "storage_filesystem": None}
 
 
 def atomic_write_bytes(url: str, data: bytes, s3_cfg: S3Config | None = None) -> None:
