@@ -30,6 +30,8 @@ from lightbsr.degrade import bicubic_upsample, degrade, kernel_pca_basis
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError, read_rgb
 from lightbsr.metrics import psnr, ssim
 from lightbsr.protocols import DegradationCase, get_protocol
+from lightbsr.student import Student
+from lightbsr.teacher import Teacher
 from lightbsr.tiling import upscale_tiled
 from workflows import preflight, storage
 from workflows.cli import run
@@ -365,8 +367,8 @@ def build_tables(rows: list[dict[str, Any]], protocols: list[str], params: int) 
             "| --- | --- |" + " --- |" * len(sets),
         ]
         psnr_only = [(m, p, {s: {c: v[0] for c, v in t.items()} for s, t in table.items()}) for m, p, table in measured]
-        for method, p, table in [psnr_only[0], *published, psnr_only[1]]:
-            cells = [_cell(table.get(s, {}), cases, per_case) for s in sets]
+        for method, p, psnr_table in [psnr_only[0], *published, psnr_only[1]]:
+            cells = [_cell(psnr_table.get(s, {}), cases, per_case) for s in sets]
             md.append(f"| {method} | {p} | " + " | ".join(cells) + " |")
         md.append("")
         for method, p, table in measured:
@@ -380,8 +382,8 @@ def build_tables(rows: list[dict[str, Any]], protocols: list[str], params: int) 
             for case in [*cases, "mean"]:
                 line = [method, p, name, protocol.setting, case]
                 for s in all_sets:
-                    value = tab.get(s, {}).get(case)
-                    line += [f"{value:.2f}", ""] if value is not None else ["", ""]
+                    figure = tab.get(s, {}).get(case)
+                    line += [f"{figure:.2f}", ""] if figure is not None else ["", ""]
                 if any(line[5:]):
                     writer.writerow(line)
     return Tables("\n".join(md), buffer.getvalue())
@@ -409,11 +411,10 @@ def _patches(images: dict[str, bytes], count: int, size: int, seed: int) -> torc
 
 
 def idr_features(
-    model: torch.nn.Module,
-    role: str,
+    model: Teacher | Student,
     hr: torch.Tensor,
     scale: int,
-    basis: torch.Tensor | None,
+    basis: torch.Tensor,
     setting: int,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -424,7 +425,7 @@ def idr_features(
         generator = torch.Generator().manual_seed(seed + label)
         lr = degrade(hr, case.kernel().unsqueeze(0), scale, None, generator)  # (N, 3, h, w)
         with torch.no_grad():
-            if role == "teacher":
+            if isinstance(model, Teacher):
                 prior = case.prior(basis, with_noise=setting == 2).expand(lr.shape[0], -1)
                 idr = model.encode(lr, prior)
             else:
@@ -485,7 +486,7 @@ def idr_discriminability(
     scores, embeddings = {}, {}
     for name, loaded in models.items():
         basis = loaded.pca_basis if loaded.pca_basis is not None else kernel_pca_basis(cfg.model.pca_seed)
-        features, labels = idr_features(loaded.model, loaded.role, hr, loaded.scale, basis, loaded.setting)
+        features, labels = idr_features(loaded.model, hr, loaded.scale, basis, loaded.setting)
         train = np.tile(np.arange(len(hr)) < len(hr) // 2, len(IDR_SIGMAS))
         scores[name] = probe_scores(features, labels, train)
         embeddings[name] = (features, labels)

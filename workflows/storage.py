@@ -198,17 +198,18 @@ def list_images(url: str, s3_cfg: S3Config | None = None) -> list[str]:
     return [name for name in list_files(url, s3_cfg) if name.lower().endswith(IMAGE_EXTENSIONS)]
 
 
-def ray_storage(cfg: Config) -> dict[str, Any]:
-    """`storage_path` and `storage_filesystem` for a Ray `RunConfig` (Train and Tune) under `storage.root`.
+def ray_storage(cfg: Config, *parts: str) -> dict[str, Any]:
+    """`storage_path` and `storage_filesystem` of `cfg.url(*parts)` for a Ray `RunConfig` (Train and Tune).
 
     For `s3://` the filesystem carries the configured endpoint, region, retries and connect
-    timeout, and the path has no scheme (Ray then resolves it on that filesystem); a local root
-    is an absolute path with Ray's own local filesystem.
+    timeout, and the path has no scheme (Ray resolves it on that filesystem); a local folder is
+    an absolute path with no filesystem (Ray's own local one).
     """
-    if is_s3(cfg.storage.root):
-        fs, path = filesystem(cfg.storage.root, cfg.storage.s3)
+    url = cfg.url(*parts)
+    if is_s3(url):
+        fs, path = filesystem(url, cfg.storage.s3)
         return {"storage_path": path, "storage_filesystem": fs}
-    return {"storage_path": _local_path(cfg.storage.root), "storage_filesystem": None}
+    return {"storage_path": _local_path(url), "storage_filesystem": None}
 
 
 def atomic_write_bytes(url: str, data: bytes, s3_cfg: S3Config | None = None) -> None:
