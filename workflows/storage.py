@@ -20,12 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
+import botocore.exceptions
 import fsspec
 import pyarrow.fs as pafs
 
 from lightbsr.images import IMAGE_EXTENSIONS
 from workflows.config import Config, S3Config
-from workflows.urls import is_s3, join, local_path, redact
+from workflows.urls import is_s3, join, local_path, redact, redact_text
 
 __all__ = [
     "StorageError",
@@ -50,6 +52,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NOT_RETRYABLE = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError)
+# What the client libraries raise for network, server and protocol failures: OSError (pyarrow, s3fs's
+# translated errors, timeouts), botocore's own errors, aiohttp's (under s3fs).
+_TRANSIENT: tuple[type[Exception], ...] = (
+    OSError,
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    aiohttp.ClientError,
+)
 _BACKOFF_S = 0.25
 
 
@@ -150,15 +160,18 @@ def retrying(what: str, url: str, call: Callable[[], T], s3_cfg: S3Config | None
             raise
         except PermissionError as error:
             raise StorageError(
-                f"{what} {redact(url)}: access denied ({error}); check the credentials in the environment "
-                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile)"
+                f"{what} {redact(url)}: access denied ({redact_text(str(error))}); check the credentials in the "
+                "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile)"
             ) from None
-        except Exception as error:  # network, server and protocol errors of any client library
+        except _TRANSIENT as error:
             if attempt == attempts:
                 raise StorageError(
-                    f"could not {what} {redact(url)} after {attempts} attempt(s): {type(error).__name__}: {error}"
+                    f"could not {what} {redact(url)} after {attempts} attempt(s): "
+                    f"{type(error).__name__}: {redact_text(str(error))}"
                 ) from error
-            log.warning("%s %s failed (attempt %d of %d): %s", what, redact(url), attempt, attempts, error)
+            log.warning(
+                "%s %s failed (attempt %d of %d): %s", what, redact(url), attempt, attempts, redact_text(str(error))
+            )
             time.sleep(_BACKOFF_S * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
 

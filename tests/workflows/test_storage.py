@@ -1,7 +1,5 @@
 """`workflows.storage` against local folders and a real SeaweedFS S3 server."""
 
-import time
-
 import pyarrow.fs as pafs
 import pytest
 
@@ -95,9 +93,7 @@ def test_an_unreachable_endpoint_fails_after_the_configured_attempts(caplog, mon
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "something")
     (port,) = free_ports(1)
     cfg = S3Config(endpoint_url=f"http://127.0.0.1:{port}", retries=3, connect_timeout_s=1)
-    start = time.monotonic()
     with pytest.raises(StorageError, match=r"could not write s3://b/k\.bin after 3 attempt\(s\)") as caught:
         storage.atomic_write_bytes("s3://b/k.bin", b"x", cfg)
-    assert time.monotonic() - start < 15
     assert "EndpointConnectionError" in str(caught.value)
     assert len([r for r in caplog.records if "attempt" in r.getMessage()]) == 2
