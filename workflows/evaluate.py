@@ -393,7 +393,7 @@ def build_tables(rows: list[dict[str, Any]], protocols: list[str], params: int) 
 
 
 def _patches(images: dict[str, bytes], count: int, size: int, seed: int) -> torch.Tensor:
-    """`count` random HR crops (size x size) of the images `{name: bytes}`, fixed by `seed` -> (count, 3, size, size)."""
+    """`count` random HR crops (size x size) of `{name: file bytes}`, fixed by `seed` -> (count, 3, size, size)."""
     rng = np.random.default_rng(seed)
     names = list(images)
     pixels = [_decoded(images[name], name) for name in names]

@@ -3,6 +3,7 @@ records the best config in MLflow (children under the parent) and resumes after 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,19 +182,21 @@ def test_sweep_stops_trials_early_resumes_and_records_the_best(tmp_path, sample_
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # above the sweep's own 1200 s limit
-def test_a_sweep_on_s3_uses_the_configured_endpoint(s3_server, sample_images, tmp_path):
+def test_a_sweep_on_s3_uses_the_configured_endpoint(s3_server, mlflow_server, sample_images, tmp_path):
     """Two trials with storage.root on SeaweedFS, its endpoint only in storage.s3.endpoint_url (no
-    AWS_ENDPOINT_URL): Tune's state, the trials' checkpoints and best_config.yaml land in the bucket."""
+    AWS_ENDPOINT_URL), MLflow over HTTP: Tune's state, the trials' checkpoints and best_config.yaml
+    land in the bucket."""
     env = {**os.environ, **s3_server.env()}
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS"):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "RAY_ADDRESS"):
         env.pop(name, None)
     prefix = f"tune-s3-{tmp_path.name}"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_server
     overrides = {
         "storage.root": f"s3://{s3_server.bucket}/{prefix}",
         "storage.s3.endpoint_url": s3_server.endpoint,
         "storage.s3.retries": 2,
         "tracking.uri": uri,
+        "tracking.experiment": prefix,
         "data.train_images": sample_images / "train",
         "data.eval_images": sample_images / "eval",
         "tune.stage": "teacher",
@@ -216,8 +219,11 @@ def test_a_sweep_on_s3_uses_the_configured_endpoint(s3_server, sample_images, tm
         for item in page.get("Contents", [])
     ]
     sweep = "tune/lightbsr-tiny-sweep/"
-    assert f"{sweep}best_config.yaml" in keys and f"{sweep}tuner.pkl" in keys, keys
-    assert any(key.startswith(sweep) and "/checkpoint_" in key for key in keys), keys  # the trials' checkpoints
+    assert f"{sweep}best_config.yaml" in keys and f"{sweep}tuner.pkl" in keys, keys  # Tune's own state
+    trial_runs = {
+        key.split("/")[0] for key in keys if re.fullmatch(r"lightbsr-tiny-\w+-teacher/checkpoint_[^/]+/model.pt", key)
+    }
+    assert len(trial_runs) == 2, keys  # each trial's training checkpoints
     body = client.get_object(Bucket=s3_server.bucket, Key=f"{prefix}/{sweep}best_config.yaml")["Body"].read()
     (tmp_path / "best.yaml").write_bytes(body)
     best = load_config(tmp_path / "best.yaml")
@@ -228,7 +234,7 @@ def test_a_sweep_on_s3_uses_the_configured_endpoint(s3_server, sample_images, tm
 
     mlflow_client = mlflow.MlflowClient(uri)
     (parent,) = mlflow_client.search_runs(
-        [mlflow_client.get_experiment_by_name("lightbsr-tiny").experiment_id],
+        [mlflow_client.get_experiment_by_name(prefix).experiment_id],
         filter_string="tags.`sweep.name` = 'lightbsr-tiny-sweep'",
     )
     assert "best_val_psnr" in parent.data.metrics
