@@ -15,6 +15,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -26,14 +27,19 @@ import torch
 
 from lightbsr.checkpoint import CheckpointError, load_checkpoint
 from lightbsr.degrade import bicubic_upsample, degrade, kernel_pca_basis
-from lightbsr.images import ImageError, find_benchmarks, list_images, read_rgb
+from lightbsr.images import IMAGE_EXTENSIONS, ImageError, read_rgb
 from lightbsr.metrics import psnr, ssim
 from lightbsr.protocols import DegradationCase, get_protocol
+from lightbsr.student import Student
+from lightbsr.teacher import Teacher
 from lightbsr.tiling import upscale_tiled
-from workflows import storage
-from workflows.config import Config, add_config_arguments, load_config
+from workflows import preflight, storage
+from workflows.cli import run
+from workflows.config import Config, S3Config, add_config_arguments, load_config
+from workflows.errors import UsageError
 from workflows.references import RegistryError, fetch_checkpoint
 from workflows.register import OURS
+from workflows.urls import redact
 
 __all__ = [
     "BICUBIC",
@@ -41,15 +47,21 @@ __all__ = [
     "PUBLISHED",
     "Evaluation",
     "Scorer",
+    "benchmark_sets",
     "build_tables",
     "collect_items",
     "evaluate_model",
     "idr_discriminability",
+    "idr_images",
     "main",
     "probe_scores",
+    "read_sets",
+    "sample_images",
     "score_local",
     "score_with_ray",
 ]
+
+log = logging.getLogger(__name__)
 
 BICUBIC = "Bicubic"
 SAMPLES_SET = "samples"
@@ -94,25 +106,83 @@ PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
 # ----------------------------------------------------------------------------- scoring
 
 
-def collect_items(cfg: Config, benchmarks: str | None) -> list[dict[str, Any]]:
-    """One row per (set, image, protocol), carrying the HR file's bytes (the scorer runs every case)."""
-    sets: dict[str, list[Path]] = {}
-    root = benchmarks or cfg.data.benchmarks
-    if root:
-        sets.update(find_benchmarks(root))
-    if cfg.evaluate.samples and cfg.data.eval_images:
-        sets[SAMPLES_SET] = list_images(cfg.data.eval_images)
+def benchmark_sets(root: str, s3_cfg: S3Config | None = None) -> dict[str, dict[str, str]]:
+    """`{set name: {image name: URL}}` for every `<root>/<set>/HR/*.png`, on any storage.
+
+    Any folder name is a set; the paper's sets come first in the paper's order, then the others
+    by name. An error naming `root` if it does not exist or holds no such images.
+    """
+    try:
+        names = storage.list_files(root, s3_cfg)
+    except FileNotFoundError:
+        raise UsageError(f"benchmarks: {redact(root)} does not exist") from None
+    sets: dict[str, dict[str, str]] = {}
+    for name in names:
+        parts = name.split("/")
+        if len(parts) == 3 and parts[1] == "HR" and parts[2].lower().endswith(".png"):
+            sets.setdefault(parts[0], {})[parts[2]] = storage.join(root, name)
     if not sets:
-        raise ValueError("nothing to evaluate: no benchmark root and evaluate.samples is off")
-    items = []
-    for set_name, paths in sets.items():
-        for path in paths:
-            data = path.read_bytes()
-            for protocol_name in cfg.evaluate.protocols:
-                items.append(
-                    {"set": set_name, "image": path.name, "protocol": get_protocol(protocol_name).name, "data": data}
-                )
-    return items
+        raise UsageError(f"benchmarks: {redact(root)} holds no <set>/HR/*.png images")
+    return {name: sets[name] for name in sorted(sets, key=_set_order)}
+
+
+def sample_images(cfg: Config, required: bool) -> dict[str, str]:
+    """`{image name: URL}` of `data.eval_images`; when not `required`, a missing folder is a logged skip."""
+    url = cfg.data.eval_images
+    try:
+        names = storage.list_images(url, cfg.storage.s3)
+    except FileNotFoundError:
+        if required:
+            raise UsageError(f"data.eval_images: {redact(url)} does not exist") from None
+        log.warning("data.eval_images: %s does not exist; scoring the benchmarks only", redact(url))
+        return {}
+    if not names:
+        raise UsageError(f"data.eval_images: {redact(url)} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return {name: storage.join(url, name) for name in names}
+
+
+def read_sets(cfg: Config, benchmarks: str | None) -> dict[str, dict[str, bytes]]:
+    """`{set: {image name: file bytes}}` of the benchmark sets and (`evaluate.samples`) the evaluation
+    images, read through `workflows.storage`; each is decoded once here, so a bad file is named
+    before any scoring starts."""
+    root = benchmarks or cfg.data.benchmarks
+    urls = benchmark_sets(root, cfg.storage.s3) if root else {}
+    if cfg.evaluate.samples:
+        if SAMPLES_SET in urls:
+            raise UsageError(f"benchmarks: {SAMPLES_SET!r} is the evaluation images' set; rename that folder")
+        samples = sample_images(cfg, required=not urls)
+        if samples:
+            urls[SAMPLES_SET] = samples
+    if not urls:
+        raise UsageError(
+            "nothing to evaluate: no benchmarks (data.benchmarks or --benchmarks) and evaluate.samples is off"
+        )
+    sets: dict[str, dict[str, bytes]] = {}
+    for set_name, images in urls.items():
+        sets[set_name] = {}
+        for image, url in images.items():
+            data = storage.read_bytes(url, cfg.storage.s3)
+            _decoded(data, redact(url))
+            sets[set_name][image] = data
+    return sets
+
+
+def _decoded(data: bytes, name: str) -> np.ndarray:
+    """`lightbsr.images.read_rgb`, its refusal turned into the command's usage error."""
+    try:
+        return read_rgb(data, name)
+    except ImageError as error:
+        raise UsageError(str(error)) from None
+
+
+def collect_items(sets: dict[str, dict[str, bytes]], protocols: list[str]) -> list[dict[str, Any]]:
+    """One row per (set, image, protocol), carrying the HR file's bytes (the scorer runs every case)."""
+    return [
+        {"set": set_name, "image": image, "protocol": get_protocol(name).name, "data": data}
+        for set_name, images in sets.items()
+        for image, data in images.items()
+        for name in protocols
+    ]
 
 
 class Scorer:
@@ -298,23 +368,23 @@ def build_tables(rows: list[dict[str, Any]], protocols: list[str], params: int) 
             "| --- | --- |" + " --- |" * len(sets),
         ]
         psnr_only = [(m, p, {s: {c: v[0] for c, v in t.items()} for s, t in table.items()}) for m, p, table in measured]
-        for method, p, table in [psnr_only[0], *published, psnr_only[1]]:
-            cells = [_cell(table.get(s, {}), cases, per_case) for s in sets]
+        for method, p, psnr_table in [psnr_only[0], *published, psnr_only[1]]:
+            cells = [_cell(psnr_table.get(s, {}), cases, per_case) for s in sets]
             md.append(f"| {method} | {p} | " + " | ".join(cells) + " |")
         md.append("")
         for method, p, table in measured:
-            for case in cases + ["mean"]:
+            for case in [*cases, "mean"]:
                 line = [method, p, name, protocol.setting, case]
                 for s in all_sets:
                     value = table.get(s, {}).get(case)
                     line += [f"{value[0]:.4f}", f"{value[1]:.4f}"] if value else ["", ""]
                 writer.writerow(line)
         for method, p, tab in published:
-            for case in cases + ["mean"]:
+            for case in [*cases, "mean"]:
                 line = [method, p, name, protocol.setting, case]
                 for s in all_sets:
-                    value = tab.get(s, {}).get(case)
-                    line += [f"{value:.2f}", ""] if value is not None else ["", ""]
+                    figure = tab.get(s, {}).get(case)
+                    line += [f"{figure:.2f}", ""] if figure is not None else ["", ""]
                 if any(line[5:]):
                     writer.writerow(line)
     return Tables("\n".join(md), buffer.getvalue())
@@ -323,27 +393,29 @@ def build_tables(rows: list[dict[str, Any]], protocols: list[str], params: int) 
 # ----------------------------------------------------------------------------- IDR discriminability
 
 
-def _patches(paths: list[Path], count: int, size: int, seed: int) -> torch.Tensor:
-    """`count` random HR crops (size x size) from the images, fixed by `seed` -> (count, 3, size, size)."""
+def _patches(images: dict[str, bytes], count: int, size: int, seed: int) -> torch.Tensor:
+    """`count` random HR crops (size x size) of `{name: file bytes}`, fixed by `seed` -> (count, 3, size, size)."""
     rng = np.random.default_rng(seed)
-    images = [read_rgb(p) for p in paths]
+    names = list(images)
+    pixels = [_decoded(images[name], name) for name in names]
     crops = []
     for i in range(count):
-        image = images[i % len(images)]
+        image = pixels[i % len(pixels)]
         height, width, _ = image.shape
         if min(height, width) < size:
-            raise ValueError(f"{paths[i % len(paths)]}: {width}x{height} is smaller than the IDR patch {size}")
+            raise UsageError(
+                f"evaluate.idr_patch: {names[i % len(names)]} is {width}x{height}, smaller than the IDR patch {size}"
+            )
         y, x = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
         crops.append(image[y : y + size, x : x + size])
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
 
 
 def idr_features(
-    model: torch.nn.Module,
-    role: str,
+    model: Teacher | Student,
     hr: torch.Tensor,
     scale: int,
-    basis: torch.Tensor | None,
+    basis: torch.Tensor,
     setting: int,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -354,7 +426,7 @@ def idr_features(
         generator = torch.Generator().manual_seed(seed + label)
         lr = degrade(hr, case.kernel().unsqueeze(0), scale, None, generator)  # (N, 3, h, w)
         with torch.no_grad():
-            if role == "teacher":
+            if isinstance(model, Teacher):
                 prior = case.prior(basis, with_noise=setting == 2).expand(lr.shape[0], -1)
                 idr = model.encode(lr, prior)
             else:
@@ -403,18 +475,19 @@ def _projection_png(embeddings: dict[str, tuple[np.ndarray, np.ndarray]]) -> byt
 
 
 def idr_discriminability(
-    models: dict[str, Any], paths: list[Path], cfg: Config
+    models: dict[str, Any], images: dict[str, bytes], cfg: Config
 ) -> tuple[dict[str, dict[str, float]], bytes]:
     """Probe scores per model ({'student': Loaded, 'teacher': Loaded}) and the projection plot (PNG bytes).
 
-    Patches are split by content: the probe trains on the first half of the patches (all
-    degradations) and is scored on the other half, so it cannot recognise the picture.
+    `images` ({name: file bytes}) give the HR patches. Patches are split by content: the probe
+    trains on the first half of the patches (all degradations) and is scored on the other half,
+    so it cannot recognise the picture.
     """
-    hr = _patches(paths, cfg.evaluate.idr_patches, cfg.evaluate.idr_patch, cfg.train.seed)
+    hr = _patches(images, cfg.evaluate.idr_patches, cfg.evaluate.idr_patch, cfg.train.seed)
     scores, embeddings = {}, {}
     for name, loaded in models.items():
         basis = loaded.pca_basis if loaded.pca_basis is not None else kernel_pca_basis(cfg.model.pca_seed)
-        features, labels = idr_features(loaded.model, loaded.role, hr, loaded.scale, basis, loaded.setting)
+        features, labels = idr_features(loaded.model, hr, loaded.scale, basis, loaded.setting)
         train = np.tile(np.arange(len(hr)) < len(hr) // 2, len(IDR_SIGMAS))
         scores[name] = probe_scores(features, labels, train)
         embeddings[name] = (features, labels)
@@ -467,7 +540,7 @@ def log_to_mlflow(result: Evaluation, cfg: Config, model_ref: str, files: dict[s
     with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name="evaluate") as run:
         mlflow.log_params(
             {
-                "model": model_ref,
+                "model": redact(model_ref),
                 "protocols": ",".join(cfg.evaluate.protocols),
                 "sets": ",".join(sorted({r["set"] for r in result.rows})),
                 "tile": cfg.evaluate.tile,
@@ -500,6 +573,32 @@ def log_to_mlflow(result: Evaluation, cfg: Config, model_ref: str, files: dict[s
         return run.info.run_id
 
 
+def idr_images(sets: dict[str, dict[str, bytes]]) -> dict[str, bytes]:
+    """The IDR probe's pictures: the evaluation images when they are scored, else every benchmark image."""
+    if SAMPLES_SET in sets:
+        return sets[SAMPLES_SET]
+    return {f"{set_name}/{image}": data for set_name, images in sets.items() for image, data in images.items()}
+
+
+def _load_models(model_ref: str, teacher_ref: str | None, cfg: Config) -> tuple[bytes, Scorer, Any]:
+    """(the student checkpoint's bytes, a CPU scorer on it, the teacher or None); refusals are usage errors."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="lightbsr-evaluate-") as workdir:
+            checkpoint_file = fetch_checkpoint(model_ref, cfg, workdir)
+            if checkpoint_file.is_dir():
+                checkpoint_file = checkpoint_file / "model.pt"
+            checkpoint = checkpoint_file.read_bytes()
+            scorer = Scorer(checkpoint, cfg.evaluate.tile, cfg.evaluate.overlap, cfg.evaluate.crop, device="cpu")
+            if scorer.loaded.role != "student":
+                raise CheckpointError(f"{model_ref} holds a {scorer.loaded.role}; the tables score a student")
+            teacher = None
+            if teacher_ref:
+                teacher = load_checkpoint(fetch_checkpoint(teacher_ref, cfg, workdir), role="teacher")
+    except (CheckpointError, RegistryError) as error:
+        raise UsageError(str(error)) from error
+    return checkpoint, scorer, teacher
+
+
 def evaluate_model(
     model_ref: str,
     cfg: Config,
@@ -511,23 +610,20 @@ def evaluate_model(
     out: str | None = None,
     log: bool = True,
 ) -> Evaluation:
-    """Score `model_ref` on every benchmark set present plus the evaluation images; tables, IDR probe, MLflow."""
-    with tempfile.TemporaryDirectory(prefix="lightbsr-evaluate-") as workdir:
-        checkpoint_file = fetch_checkpoint(model_ref, cfg, workdir)
-        if checkpoint_file.is_dir():
-            checkpoint_file = checkpoint_file / "model.pt"
-        checkpoint = checkpoint_file.read_bytes()
-        scorer = Scorer(checkpoint, cfg.evaluate.tile, cfg.evaluate.overlap, cfg.evaluate.crop, device="cpu")
-        if scorer.loaded.role != "student":
-            raise CheckpointError(f"{model_ref} holds a {scorer.loaded.role}; the tables score a student")
-        teacher = load_checkpoint(fetch_checkpoint(teacher_ref, cfg, workdir), role="teacher") if teacher_ref else None
-    items = collect_items(cfg, benchmarks)
+    """Score `model_ref` on every benchmark set present plus the evaluation images; tables, IDR probe, MLflow.
+
+    Every input (images, benchmarks, checkpoints) is read through `workflows.storage`, so a
+    folder and an `s3://` URL behave the same.
+    """
+    checkpoint, scorer, teacher = _load_models(model_ref, teacher_ref, cfg)
+    sets = read_sets(cfg, benchmarks)
+    items = collect_items(sets, list(cfg.evaluate.protocols))
     rows = score_local(items, scorer) if local else score_with_ray(items, checkpoint, cfg)
     params = sum(p.numel() for p in scorer.student.parameters())
     result = Evaluation(rows, build_tables(rows, list(cfg.evaluate.protocols), params))
     if idr:
         models = {"student": scorer.loaded, **({"teacher": teacher} if teacher else {})}
-        result.idr, result.idr_plot = idr_discriminability(models, list_images(cfg.data.eval_images), cfg)
+        result.idr, result.idr_plot = idr_discriminability(models, idr_images(sets), cfg)
     files = _outputs(result)
     if out:
         for name, data in files.items():
@@ -543,7 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="checkpoint path (ours or the authors'), s3:// URL or models:/name@alias"
     )
     parser.add_argument(
-        "--benchmarks", help="<root>/<Set5|Set14|B100|Urban100|Manga109>/HR/*.png (default: data.benchmarks)"
+        "--benchmarks",
+        help="folder or s3:// URL holding <set>/HR/*.png for any set names (default: data.benchmarks); "
+        f"published rows for {', '.join(PAPER_SETS)}",
     )
     parser.add_argument("--teacher", help="teacher checkpoint, to compare its IDR with the student's")
     parser.add_argument("--out", help="folder or URL for the tables (default: <storage.root>/evaluation)")
@@ -554,23 +652,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unread_keys(cfg: Config) -> set[str]:
+    """Config keys evaluate does not read, so preflight leaves them alone (e.g. the default
+    `data/samples/eval` outside the repository when benchmarks are given)."""
+    unread = {"data.train_images", "data.shards", "train.teacher_checkpoint"}
+    if cfg.data.benchmarks or not cfg.evaluate.samples:
+        unread.add("data.eval_images")  # optional then: a missing folder is a logged skip in `sample_images`
+    return unread
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = evaluate_model(
-            args.model,
-            cfg,
-            benchmarks=args.benchmarks,
-            local=args.local,
-            teacher_ref=args.teacher,
-            idr=not args.no_idr,
-            out=args.out or cfg.url("evaluation"),
-            log=not args.no_mlflow,
-        )
-    except (ImageError, CheckpointError, RegistryError, storage.StorageError, ValueError) as error:
-        print(f"lightbsr evaluate: {error}", file=sys.stderr)
-        return 1
+    overrides = [*args.overrides, *([f"data.benchmarks={args.benchmarks}"] if args.benchmarks else [])]
+    cfg = load_config(args.config, overrides)
+    preflight.check(cfg, skip=_unread_keys(cfg))
+    result = evaluate_model(
+        args.model,
+        cfg,
+        local=args.local,
+        teacher_ref=args.teacher,
+        idr=not args.no_idr,
+        out=args.out or cfg.url("evaluation"),
+        log=not args.no_mlflow,
+    )
     print(result.tables.markdown)
     for model, values in result.idr.items():
         print(f"IDR {model}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
@@ -578,4 +682,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run(main, prog="lightbsr evaluate"))

@@ -17,14 +17,17 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import aiohttp
+import botocore.exceptions
 import fsspec
 import pyarrow.fs as pafs
 
 from lightbsr import files
-from workflows.config import S3Config
-from workflows.urls import is_s3, join, local_path, redact
+from lightbsr.images import IMAGE_EXTENSIONS
+from workflows.config import Config, S3Config
+from workflows.urls import is_s3, join, local_path, redact, redact_text
 
 __all__ = [
     "StorageError",
@@ -35,6 +38,8 @@ __all__ = [
     "is_s3",
     "join",
     "list_files",
+    "list_images",
+    "ray_storage",
     "read_bytes",
     "redact",
     "retrying",
@@ -47,6 +52,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NOT_RETRYABLE = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError)
+# What the client libraries raise for network, server and protocol failures: OSError (pyarrow, s3fs's
+# translated errors, timeouts), botocore's own errors, aiohttp's (under s3fs).
+_TRANSIENT: tuple[type[Exception], ...] = (
+    OSError,
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    aiohttp.ClientError,
+)
 _BACKOFF_S = 0.25
 
 
@@ -147,15 +160,18 @@ def retrying(what: str, url: str, call: Callable[[], T], s3_cfg: S3Config | None
             raise
         except PermissionError as error:
             raise StorageError(
-                f"{what} {redact(url)}: access denied ({error}); check the credentials in the environment "
-                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile)"
+                f"{what} {redact(url)}: access denied ({redact_text(str(error))}); check the credentials in the "
+                "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile)"
             ) from None
-        except Exception as error:  # network, server and protocol errors of any client library
+        except _TRANSIENT as error:
             if attempt == attempts:
                 raise StorageError(
-                    f"could not {what} {redact(url)} after {attempts} attempt(s): {type(error).__name__}: {error}"
+                    f"could not {what} {redact(url)} after {attempts} attempt(s): "
+                    f"{type(error).__name__}: {redact_text(str(error))}"
                 ) from error
-            log.warning("%s %s failed (attempt %d of %d): %s", what, redact(url), attempt, attempts, error)
+            log.warning(
+                "%s %s failed (attempt %d of %d): %s", what, redact(url), attempt, attempts, redact_text(str(error))
+            )
             time.sleep(_BACKOFF_S * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
 
@@ -188,6 +204,25 @@ def list_files(url: str, s3_cfg: S3Config | None = None) -> list[str]:
         return sorted(path[len(prefix) :] for path in fs.find(root) if path.startswith(prefix))
 
     return retrying("list", url, walk, s3_cfg)
+
+
+def list_images(url: str, s3_cfg: S3Config | None = None) -> list[str]:
+    """The image files (by extension) under the folder `url`, as paths relative to it (posix, sorted)."""
+    return [name for name in list_files(url, s3_cfg) if name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def ray_storage(cfg: Config, *parts: str) -> dict[str, Any]:
+    """`storage_path` and `storage_filesystem` of `cfg.url(*parts)` for a Ray `RunConfig` (Train and Tune).
+
+    For `s3://` the filesystem carries the configured endpoint, region, retries and connect
+    timeout, and the path has no scheme (Ray resolves it on that filesystem); a local folder is
+    an absolute path with no filesystem (Ray's own local one).
+    """
+    url = cfg.url(*parts)
+    if is_s3(url):
+        fs, path = filesystem(url, cfg.storage.s3)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": _local_path(url), "storage_filesystem": None}
 
 
 def atomic_write_bytes(url: str, data: bytes, s3_cfg: S3Config | None = None) -> None:

@@ -3,9 +3,11 @@
 Each trial runs the ordinary training stage (`workflows.train.train_stage`, a Ray Train
 TorchTrainer) with the trial's loss values, and reports the validation Y-PSNR of every epoch
 to Tune (`TuneReportCallback`), where ASHA stops the weak trials. MLflow gets one parent run per
-sweep and one child run per trial; the best config is written as YAML beside a table and a plot
-of the trials. Rerunning the same command resumes an interrupted sweep (`Tuner.restore`):
-finished trials are not rerun.
+sweep and one child run per trial; the best config is written as YAML (URL credentials removed)
+beside a table and a plot of the trials. Tune keeps its state under `<storage.root>/tune` on
+the same storage filesystem as training (`workflows.storage.ray_storage`: endpoint, region,
+retries). Rerunning the same command resumes an interrupted sweep (`Tuner.restore`): finished
+trials are not rerun.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from workflows import storage
+from workflows.cli import run
 from workflows.config import (
     Config,
     ConfigError,
@@ -27,6 +31,7 @@ from workflows.config import (
     dump_config,
     load_config,
 )
+from workflows.urls import redact, redact_text
 
 METRIC, MODE = "val_psnr", "max"
 
@@ -45,8 +50,10 @@ STAGE_PARAMS: dict[str, dict[str, SearchParam]] = {
 }
 
 
-class SweepInterrupted(Exception):
-    """Tune stopped before every trial ended (Ctrl-C); its state is saved for a rerun to resume."""
+class SweepInterrupted(KeyboardInterrupt):
+    """Tune stopped before every trial ended (Ctrl-C); its state is saved for a rerun to resume.
+
+    A KeyboardInterrupt, so that `cli.run` exits with 130 as for any Ctrl-C."""
 
 
 @dataclass
@@ -126,13 +133,14 @@ def _tuner(cfg: Config, space: dict[str, SearchParam], parent_run_id: str):
     from ray.tune.search.optuna import OptunaSearch
 
     name = f"{cfg.train.run_name}-sweep"
-    storage = cfg.url("tune")
+    where = storage.ray_storage(cfg, "tune")
+    path, fs = f"{where['storage_path']}/{name}", where["storage_filesystem"]
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=cfg.model_dump(), parent_run_id=parent_run_id), {"cpu": 0.1}
     )
-    if tune.Tuner.can_restore(f"{storage}/{name}"):
-        print(f"[tune] resuming sweep {name} from {storage}/{name}")
-        return tune.Tuner.restore(f"{storage}/{name}", trainable, resume_unfinished=True, restart_errored=True)
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"[tune] resuming sweep {name} from {redact(cfg.url('tune', name))}")
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True, storage_filesystem=fs)
     search = OptunaSearch(metric=METRIC, mode=MODE, seed=cfg.tune.seed, points_to_evaluate=[paper_point(cfg, space)])
     # max_t one past the last epoch: a trial that runs to the end returns by itself (and closes its
     # MLflow run) instead of being stopped by the scheduler at its last report.
@@ -154,7 +162,7 @@ def _tuner(cfg: Config, space: dict[str, SearchParam], parent_run_id: str):
             scheduler=scheduler,
             trial_dirname_creator=_trial_dirname,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+        run_config=tune.RunConfig(name=name, verbose=1, **where),
     )
 
 
@@ -163,7 +171,11 @@ def _trial_dirname(trial) -> str:
 
 
 def _parent_run(cfg: Config) -> str:
-    """The sweep's MLflow parent run: found again on resume, created otherwise."""
+    """The sweep's MLflow parent run: found again on resume, created otherwise.
+
+    Called in the driver before any trial starts, so the tracking store (a fresh sqlite file is
+    created and migrated on first open) and the experiment exist before concurrent trial
+    processes open them: two processes migrating one fresh sqlite file race and fail."""
     from workflows import tracking
 
     name = f"{cfg.train.run_name}-sweep"
@@ -184,10 +196,10 @@ def _close_stopped_trial_runs(cfg: Config, parent_run_id: str, rows: list[dict[s
     children = client.search_runs(
         [tracking.experiment_id(cfg)], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
     )
-    for run in children:
-        stopped = run.data.tags.get("sweep.trial") in clean and run.info.status != "FINISHED"
-        if run.info.status == "RUNNING" or stopped:
-            client.set_terminated(run.info.run_id, status="KILLED")
+    for child in children:
+        stopped = child.data.tags.get("sweep.trial") in clean and child.info.status != "FINISHED"
+        if child.info.status == "RUNNING" or stopped:
+            client.set_terminated(child.info.run_id, status="KILLED")
 
 
 def _unfinished_trials(results, num_samples: int) -> int:
@@ -258,37 +270,47 @@ def _plot(rows: list[dict[str, Any]], space: dict[str, SearchParam]):
     return fig
 
 
+def best_config_text(cfg: Config) -> str:
+    """The config as YAML with the credentials of every URL in it removed (they come from the environment)."""
+    return redact_text(dump_config(cfg))
+
+
 def run_sweep(cfg: Config) -> SweepResult:
-    from workflows import storage, tracking
+    from workflows import tracking
     from workflows.preflight import check
     from workflows.runtime import init_ray
     from workflows.shards import write_shards
 
     space = search_space(cfg)
     check(cfg)
+    name = f"{cfg.train.run_name}-sweep"
     init_ray(cfg.ray)
     write_shards(cfg.data.train_images, cfg.shards_url, cfg)  # no-op when the shards are complete
     parent_run_id = _parent_run(cfg)
+    print(f"[tune] sweep {name}: MLflow parent run {parent_run_id} at {redact(cfg.tracking_uri)}", flush=True)
     results = _tuner(cfg, space, parent_run_id).fit()
     unfinished = _unfinished_trials(results, cfg.tune.num_samples)
     if unfinished:
-        raise SweepInterrupted(
-            f"[tune] sweep {cfg.train.run_name}-sweep interrupted with {unfinished} trial(s) "
-            "unfinished; rerun the same command to resume it"
+        print(
+            f"[tune] sweep {name} interrupted with {unfinished} trial(s) unfinished; "
+            f"its state is kept under {redact(cfg.url('tune', name))}",
+            file=sys.stderr,
+            flush=True,
         )
+        raise SweepInterrupted(f"sweep {name}: {unfinished} trial(s) unfinished")
     rows = trials_table(results, space, cfg.schedule.epochs)
     _close_stopped_trial_runs(cfg, parent_run_id, rows)
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
     best_params = {k: float(best.config[k]) for k in space}
-    best_cfg = trial_config(cfg.model_dump(), best_params, cfg.train.run_name)
-    best_url = cfg.url("tune", f"{cfg.train.run_name}-sweep", "best_config.yaml")
-    storage.atomic_write_bytes(best_url, dump_config(best_cfg).encode(), cfg.storage.s3)
+    best_yaml = best_config_text(trial_config(cfg.model_dump(), best_params, cfg.train.run_name))
+    best_url = cfg.url("tune", name, "best_config.yaml")
+    storage.atomic_write_bytes(best_url, best_yaml.encode(), cfg.storage.s3)
     client = tracking.client(cfg)
     best_value = float(best.metrics[METRIC])
     client.log_metric(parent_run_id, f"best_{METRIC}", best_value)
-    client.log_text(parent_run_id, dump_config(best_cfg), "best_config.yaml")
-    client.log_text(parent_run_id, _markdown(rows), "trials.md")
-    client.log_text(parent_run_id, json.dumps(rows, indent=2, default=str), "trials.json")
+    client.log_text(parent_run_id, best_yaml, "best_config.yaml")
+    client.log_text(parent_run_id, redact_text(_markdown(rows)), "trials.md")
+    client.log_text(parent_run_id, redact_text(json.dumps(rows, indent=2, default=str)), "trials.json")
     import matplotlib.pyplot as plt
 
     figure = _plot(rows, space)
@@ -296,7 +318,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     plt.close(figure)
     client.set_terminated(parent_run_id)
     print(_markdown(rows))
-    print(f"[tune] best {METRIC} {best_value:.3f} dB with {best_params}; config: {best_url}")
+    print(f"[tune] best {METRIC} {best_value:.3f} dB with {best_params}; config: {redact(best_url)}")
     return SweepResult(best_params, best_value, best_url, parent_run_id, rows)
 
 
@@ -304,17 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightbsr tune", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        run_sweep(cfg)
-    except ConfigError as error:
-        print(f"lightbsr tune: {error}", file=sys.stderr)
-        return 2
-    except SweepInterrupted as interrupted:
-        print(interrupted, file=sys.stderr)
-        return 130
+    run_sweep(load_config(args.config, args.overrides))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, prog="lightbsr tune"))

@@ -5,7 +5,7 @@ import pytest
 
 from tests.fixtures.s3_server import free_ports
 from workflows import storage
-from workflows.config import S3Config
+from workflows.config import S3Config, load_config
 from workflows.storage import StorageError
 
 pytestmark = pytest.mark.unit
@@ -28,6 +28,24 @@ def test_local_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_p
     assert storage.list_files(url) == [""]
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(str(tmp_path / "missing.bin"))
+
+
+def test_list_images_keeps_image_files_only(tmp_path):
+    for name in ("b.png", "a/c.JPG", "a/notes.txt", "d.webp", "ATTRIBUTION"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert storage.list_images(str(tmp_path)) == ["a/c.JPG", "b.png", "d.webp"]
+
+
+def test_ray_storage_is_an_absolute_local_path_or_a_configured_s3_filesystem(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    local = storage.ray_storage(load_config(None, ["storage.root=runs"]), "tune")
+    assert local == {"storage_path": str(tmp_path / "runs" / "tune"), "storage_filesystem": None}
+    cfg = load_config(None, ["storage.root=s3://bucket/pre/", "storage.s3.region=eu-west-3"])
+    remote = storage.ray_storage(cfg, "tune")
+    assert remote["storage_path"] == "bucket/pre/tune"  # no scheme: Ray resolves it on the filesystem
+    assert isinstance(remote["storage_filesystem"], pafs.S3FileSystem)
+    assert remote["storage_filesystem"].region == "eu-west-3"
 
 
 @pytest.mark.integration
