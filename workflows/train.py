@@ -29,8 +29,17 @@ import torch
 from lightbsr.checkpoint import CheckpointError, load_checkpoint
 from lightbsr.degrade import kernel_pca_basis
 from workflows.config import Config, ConfigError, add_config_arguments, load_config
-from workflows.resume import latest_checkpoint
+from workflows.errors import RuntimeFailure
+from workflows.resume import (
+    Found,
+    check_fingerprint,
+    checkpoint_record,
+    checkpoint_url,
+    latest_checkpoint,
+    write_stream_start,
+)
 from workflows.train_loop import train_loop_per_worker
+from workflows.urls import redact, redact_text
 
 __all__ = ["StageResult", "latest_checkpoint", "main", "train", "train_stage"]
 
@@ -93,7 +102,11 @@ def stage_basis(cfg: Config, teacher_source: dict[str, Any] | None) -> torch.Ten
 
 @dataclass
 class ResumableStream:
-    """Ray Data stream that starts after the latest stored checkpoint; built again on each (re)start."""
+    """Ray Data stream that starts after the latest stored checkpoint; built again on each (re)start.
+
+    It records the epoch it starts after (`resume.write_stream_start`); every worker checks that
+    against the checkpoint Ray Train hands it.
+    """
 
     config: dict[str, Any]
     stage: str
@@ -104,8 +117,10 @@ class ResumableStream:
         from workflows.ingest import training_dataset
 
         cfg = config_from_dict(self.config)
-        found = latest_checkpoint(cfg, stage_run_name(cfg, self.stage))
-        completed = found[1]["epoch"] if found else 0
+        run_name = stage_run_name(cfg, self.stage)
+        found = latest_checkpoint(cfg, run_name)
+        completed = found.epoch if found else 0
+        write_stream_start(cfg, run_name, completed)
         return training_dataset(cfg, self.stage, self.basis, start_epoch=completed)
 
 
@@ -117,12 +132,6 @@ def _storage(cfg: Config) -> dict[str, Any]:
         fs, path = storage.filesystem(cfg.storage.root, cfg.storage.s3)
         return {"storage_path": path, "storage_filesystem": fs}
     return {"storage_path": cfg.storage.root}
-
-
-def _checkpoint_uri(cfg: Config, checkpoint) -> str:
-    from workflows import storage
-
-    return f"s3://{checkpoint.path}" if storage.is_s3(cfg.storage.root) else checkpoint.path
 
 
 def _log_final_model(cfg: Config, run_id: str, checkpoint_url: str, stage: str) -> None:
@@ -138,6 +147,52 @@ def _log_final_model(cfg: Config, run_id: str, checkpoint_url: str, stage: str) 
             tracking.log_model(cfg, run_id, load_checkpoint(file, role="student").model)
 
 
+def _completed(cfg: Config, stage: str, run_name: str, found: Found, tracking: bool) -> StageResult:
+    """The result of a stage whose last checkpoint is already the schedule's last epoch."""
+    from workflows import tracking as mlflow_tracking
+
+    print(f"[train] {run_name}: already complete at epoch {found.epoch} ({redact(found.checkpoint)})")
+    run = mlflow_tracking.find_run(cfg, run_name) if tracking else None
+    if run is not None and run.info.status != "FINISHED":  # finished training, crashed before closing
+        mlflow_tracking.end_run(cfg, run.info.run_id, "FINISHED")
+    run_id = run.info.run_id if run is not None else None
+    return StageResult(stage, run_name, found.checkpoint, found.epoch, found.iteration, found.metrics, run_id)
+
+
+def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, callbacks: list | tuple):
+    """The TorchTrainer of a stage: the shard stream unless a ready `dataset` is given."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workflows import tracking
+
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+    trainer_kwargs: dict[str, Any] = {}
+    if dataset is None:
+        from workflows.ingest import training_data_config
+
+        dataset = ResumableStream(cfg.model_dump(), stage, loop_config["basis"])
+        trainer_kwargs["dataset_config"] = training_data_config()
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=stage_run_name(cfg, stage),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
+            # mypy sees Ray Train V1's RunConfig; V2's (the one in use) has worker_runtime_env
+            worker_runtime_env={"env_vars": tracking.artifact_env(cfg)},  # type: ignore[call-arg]
+            **_storage(cfg),
+        ),
+        datasets={"train": dataset},
+        **trainer_kwargs,
+    )
+
+
 def train_stage(
     cfg: Config,
     stage: str,
@@ -150,10 +205,10 @@ def train_stage(
     """Run (or continue) one stage on Ray Train and return where its final checkpoint is.
 
     `dataset`: a ready `ray.data.Dataset` with the batch-contract columns instead of the shard
-    stream (tests, benchmarks); `tracking=False` logs nothing to MLflow.
+    stream (tests, benchmarks); `tracking=False` logs nothing to MLflow. A rerun of a stage whose
+    checkpoints were made with a different config raises ConfigChanged naming the keys.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import TrainingFailedError
 
     from workflows import tracking as mlflow_tracking
     from workflows.runtime import init_ray
@@ -162,74 +217,40 @@ def train_stage(
     run_name = stage_run_name(cfg, stage)
     teacher_source = load_teacher_source(cfg) if stage == "student" else None
     basis = stage_basis(cfg, teacher_source)
-    done = latest_checkpoint(cfg, run_name)
-    if done and done[1]["epoch"] >= cfg.schedule.epochs:
-        print(f"[train] {run_name}: already complete at epoch {done[1]['epoch']} ({done[0]})")
-        run = mlflow_tracking.find_run(cfg, run_name) if tracking else None
-        if run is not None and run.info.status != "FINISHED":  # finished training, crashed before closing
-            mlflow_tracking.client(cfg).set_terminated(run.info.run_id, status="FINISHED")
-        return StageResult(
-            stage,
-            run_name,
-            done[0],
-            done[1]["epoch"],
-            done[1]["iteration"],
-            done[1],
-            run.info.run_id if run is not None else None,
-        )
+    found = latest_checkpoint(cfg, run_name)
+    if found:
+        stored = checkpoint_record(cfg, found.checkpoint).get("fingerprint")
+        check_fingerprint(cfg, stored, f"run {run_name} (checkpoint {redact(found.checkpoint)})")
+        if found.epoch >= cfg.schedule.epochs:
+            return _completed(cfg, stage, run_name, found, tracking)
 
-    run_id = None
-    if tracking:
-        run_id, resumed = mlflow_tracking.open_run(cfg, run_name, {"lightbsr.stage": stage, **(mlflow_tags or {})})
-        if not resumed:
-            mlflow_tracking.log_config(cfg, run_id)
-
-    init_ray(cfg.ray)
-    loop_config = {
-        "config": cfg.model_dump(),
-        "stage": stage,
-        "basis": basis,
-        "teacher": teacher_source,
-        "tracking_uri": cfg.tracking_uri if tracking else None,
-        "run_id": run_id,
-    }
-    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
-    trainer_kwargs: dict[str, Any] = {}
-    if dataset is None:
-        from workflows.ingest import training_data_config
-
-        dataset = ResumableStream(cfg.model_dump(), stage, basis)
-        trainer_kwargs["dataset_config"] = training_data_config()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=list(callbacks),
-            **_storage(cfg),
-        ),
-        datasets={"train": dataset},
-        **trainer_kwargs,
-    )
-    try:
-        result = trainer.fit()
-    except Exception:
+    tags = {"lightbsr.stage": stage, **(mlflow_tags or {})}
+    with mlflow_tracking.stage_run(cfg, run_name, tags, enabled=tracking) as run_id:
+        init_ray(cfg.ray)
+        loop_config = {
+            "config": cfg.model_dump(),
+            "stage": stage,
+            "basis": basis,
+            "teacher": teacher_source,
+            "tracking_uri": cfg.tracking_uri if tracking else None,
+            "run_id": run_id,
+            "check_stream_start": dataset is None,
+        }
+        try:
+            result = _trainer(cfg, stage, loop_config, dataset, callbacks).fit()
+        except TrainingFailedError as error:
+            raise RuntimeFailure(f"training {run_name} failed: {_first_line(error)}") from error
+        checkpoint = checkpoint_url(cfg, result.checkpoint)
+        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         if run_id:
-            mlflow_tracking.client(cfg).set_terminated(run_id, status="FAILED")
-        raise
-    checkpoint = _checkpoint_uri(cfg, result.checkpoint)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    if run_id:
-        _log_final_model(cfg, run_id, checkpoint, stage)
-        mlflow_tracking.client(cfg).set_terminated(run_id, status="FINISHED")
+            _log_final_model(cfg, run_id, checkpoint, stage)
     return StageResult(
         stage, run_name, checkpoint, int(metrics.get("epoch", 0)), int(metrics.get("iteration", 0)), metrics, run_id
     )
+
+
+def _first_line(error: BaseException) -> str:
+    return redact_text(str(error)).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def train(cfg: Config) -> list[StageResult]:
@@ -253,15 +274,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"lightbsr train: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    from workflows.preflight import check
+
+    check(cfg)
     for result in train(cfg):
         print(json.dumps(asdict(result), default=str))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from workflows.cli import run
+
+    sys.exit(run(main, prog="lightbsr train"))

@@ -8,6 +8,7 @@ checkpoints to Ray Train. The driver side (trainer construction, MLflow run) is 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -28,6 +29,8 @@ from lightbsr.schedule import learning_rate, phase_of
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
 from workflows.config import Config
+from workflows.resume import CHECKPOINT_RECORD, fingerprint, read_stream_start
+from workflows.tracking import redacted_config
 
 __all__ = ["BatchStream", "Precision", "build_objective", "train_loop_per_worker"]
 
@@ -57,12 +60,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_objective(cfg: Config, stage: str, teacher_source: dict[str, Any] | None) -> nn.Module:
+Objective = TeacherObjective | StudentObjective
+
+
+def build_objective(cfg: Config, stage: str, teacher_source: dict[str, Any] | None) -> Objective:
     """The stage's model inside its objective; a new student starts from the teacher (G + encoder)."""
     m = cfg.model
     if stage == "teacher":
         teacher = Teacher(m.scale, m.setting, m.n_groups, m.n_blocks, m.queue_size, m.momentum)
         return TeacherObjective(teacher, cfg.loss)
+    if teacher_source is None:
+        raise ValueError("the student stage needs its teacher's weights")
     config = teacher_source["model_config"]
     teacher = Teacher(
         config["scale"],
@@ -85,15 +93,25 @@ def _use_sync_batchnorm(model: nn.Module) -> None:
             setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
 
 
+def _ignore_frozen_teacher(objective: nn.Module) -> None:
+    """Keep DDP off the student's frozen teacher while it is still a submodule of the objective.
+
+    Private PyTorch API; goes away (this function and its one call) once the objective no longer
+    registers the teacher (lightbsr.objectives).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    teacher = getattr(objective, "teacher", None)
+    if isinstance(teacher, nn.Module):
+        frozen = [f"teacher.{n}" for n, _ in [*teacher.named_parameters(), *teacher.named_buffers()]]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, frozen)
+
+
 def _distributed(objective: nn.Module, phase: int, device: torch.device) -> nn.Module:
     """DDP around the objective; phase 1 leaves the reconstruction path unused."""
     from torch.nn.parallel import DistributedDataParallel
 
-    teacher = getattr(objective, "teacher", None)  # the student's frozen teacher: nothing to sync
-    frozen = (
-        [] if teacher is None else [f"teacher.{n}" for n, _ in [*teacher.named_parameters(), *teacher.named_buffers()]]
-    )
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, frozen)
+    _ignore_frozen_teacher(objective)
     return DistributedDataParallel(
         objective,
         device_ids=[device.index] if device.type == "cuda" else None,
@@ -135,7 +153,7 @@ def _training_collate(float_pixels: bool):
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class TrainingCollate(NumpyBatchCollateFn):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:  # type: ignore[override]  # Ray: a free TypeVar
             if float_pixels:
                 out = {key: torch.from_numpy(batch[key].astype(np.float32)).div_(255) for key in ("lr", "hr")}
             else:
@@ -225,7 +243,7 @@ def validation_set(cfg: Config, basis: torch.Tensor, device: torch.device) -> di
 
 
 @torch.no_grad()
-def validation_psnr(objective: nn.Module, val: dict[str, torch.Tensor], scale: int) -> float:
+def validation_psnr(objective: Objective, val: dict[str, torch.Tensor], scale: int) -> float:
     from lightbsr.metrics import psnr
 
     objective.eval()
@@ -237,7 +255,7 @@ def validation_psnr(objective: nn.Module, val: dict[str, torch.Tensor], scale: i
 
 
 @torch.no_grad()
-def image_strip(objective: nn.Module, lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor) -> np.ndarray:
+def image_strip(objective: Objective, lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor) -> np.ndarray:
     """uint8 (sh, 3 sw, 3): LR (nearest-upscaled) | SR | HR of the first item's view 0."""
     objective.eval()
     sr = objective.super_resolve(lr[:1, 0], prior[:1]).float().clamp(0, 1)[0]  # (3, sh, sw)
@@ -286,7 +304,7 @@ class LoopContext:
         from ray.train.torch import get_device
 
         from workflows.config import config_from_dict
-        from workflows.tracking import RunLogger
+        from workflows.tracking import SENDER_ENV, RunLogger
 
         self.cfg: Config = config_from_dict(loop["config"])
         self.stage: str = loop["stage"]
@@ -295,7 +313,10 @@ class LoopContext:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = get_device()
         self.local_batch = self.cfg.train.batch_size // self.world
+        self.run_name: str = f"{self.cfg.train.run_name}-{self.stage}"
         run_id = loop["run_id"] if self.rank == 0 else None
+        for key, value in SENDER_ENV.items():
+            os.environ.setdefault(key, value)
         self.log = RunLogger(loop["tracking_uri"] or "", run_id)
 
     def print(self, message: str) -> None:
@@ -321,6 +342,7 @@ def _save_and_report(
         return
     _broadcast_buffers(model)
     metrics["replica_divergence"] = replica_divergence(model)
+    ctx.log.flush()  # what the checkpoint covers is in MLflow before it (unless tracking is down)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if ctx.rank == 0:
@@ -338,17 +360,36 @@ def _save_and_report(
                 epoch=epoch,
                 iteration=iteration,
                 train_state=train_state,
-                config=ctx.cfg.model_dump(),
+                config=redacted_config(ctx.cfg),
             )
+            record = {"epoch": epoch, "iteration": iteration, "fingerprint": fingerprint(ctx.cfg)}
+            Path(folder, CHECKPOINT_RECORD).write_text(json.dumps(record, indent=1))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def _check_stream_start(ctx: LoopContext, completed: int) -> None:
+    """The data stream must start right after the epoch restored from the checkpoint."""
+    start = read_stream_start(ctx.cfg, ctx.run_name)
+    if start != completed:
+        raise RuntimeError(
+            f"{ctx.run_name}: the data stream starts after epoch {start} but the checkpoint restored epoch "
+            f"{completed}; Ray Train restarts the workers and the stream from the latest checkpoint"
+        )
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """The Ray Train worker function shared by both stages."""
+    """The Ray Train worker function shared by both stages; rank 0's MLflow sender is closed on every exit."""
+    ctx = LoopContext(loop)
+    try:
+        _train(ctx, loop)
+    finally:
+        ctx.log.close()
+
+
+def _train(ctx: LoopContext, loop: dict[str, Any]) -> None:
     import ray.train
 
-    ctx = LoopContext(loop)
     cfg, schedule = ctx.cfg, ctx.cfg.schedule
     _seed_everything(cfg.train.seed)
     objective = build_objective(cfg, ctx.stage, loop["teacher"])
@@ -365,15 +406,18 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     if checkpoint is not None:
         completed, iteration = _restore(checkpoint, model, optimizer, precision)
         ctx.print(f"restored after epoch {completed}, iteration {iteration}")
-        ctx.log.metrics({"resumed_at_iteration": iteration}, step=iteration)
+        ctx.log.metrics({"resumed_at_iteration": iteration}, step=iteration, replayed_ok=True)
+    if loop["check_stream_start"]:
+        _check_stream_start(ctx, completed)
     stream = BatchStream(ray.train.get_dataset_shard("train"), ctx.local_batch, ctx.device)
     val = validation_set(cfg, ctx.basis, ctx.device) if ctx.rank == 0 else None
-    wrapped, wrapped_phase = objective, None
+    wrapped: nn.Module = objective
+    wrapped_phase = None
 
     for epoch in range(completed + 1, schedule.epochs + 1):
         phase, lr = phase_of(epoch, schedule), learning_rate(epoch, schedule)
         if ctx.world > 1 and phase != wrapped_phase:
-            wrapped = None  # drop the old DDP (and its hooks) before wrapping again
+            wrapped = objective  # drop the old DDP (and its hooks) before wrapping again
             wrapped, wrapped_phase = _distributed(objective, phase, ctx.device), phase
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -404,7 +448,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 window_start, window_wait, window_steps = now, stream.wait_s, 0
             if ctx.log.active and iteration % cfg.train.image_every_steps == 0:
                 ctx.log.image(
-                    image_strip(objective, lr_images, hr_images, prior), f"strips/{ctx.stage}_{iteration:08d}.png"
+                    image_strip(objective, lr_images, hr_images, prior),
+                    f"strips/{ctx.stage}_{iteration:08d}.png",
+                    step=iteration,
                 )
         elapsed = time.perf_counter() - started
         metrics = {f"loss_{k}": float(v) / schedule.iters_per_epoch for k, v in sums.items()}
@@ -419,9 +465,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         )
         if val is not None:
             metrics["val_psnr"] = validation_psnr(objective, val, cfg.model.scale)
+        ctx.log.metrics({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "iteration")}, iteration)
         save = epoch % cfg.train.checkpoint_every_epochs == 0 or epoch == schedule.epochs
         _save_and_report(ctx, model, optimizer, precision, epoch, iteration, metrics, save)
-        ctx.log.metrics({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "iteration")}, iteration)
         ctx.print(
             f"epoch {epoch}/{schedule.epochs} it {iteration} phase {phase} lr {lr:.2e} "
             f"loss {metrics['loss_total']:.4f} val_psnr {metrics.get('val_psnr', float('nan')):.2f} "
