@@ -38,7 +38,7 @@ from workflows.resume import (
     latest_checkpoint,
     write_stream_start,
 )
-from workflows.train_loop import train_loop_per_worker
+from workflows.train_loop import train_loop_per_worker, validation_protocol
 from workflows.urls import redact, redact_text
 
 __all__ = ["StageResult", "latest_checkpoint", "main", "train", "train_stage"]
@@ -165,6 +165,7 @@ def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, call
     from ray.train.torch import TorchTrainer
 
     from workflows import tracking
+    from workflows.runtime import worker_env
 
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     trainer_kwargs: dict[str, Any] = {}
@@ -185,7 +186,7 @@ def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, call
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks),
             # mypy sees Ray Train V1's RunConfig; V2's (the one in use) has worker_runtime_env
-            worker_runtime_env={"env_vars": tracking.artifact_env(cfg)},  # type: ignore[call-arg]
+            worker_runtime_env={"env_vars": {**worker_env(), **tracking.artifact_env(cfg)}},  # type: ignore[call-arg]
             **_storage(cfg),
         ),
         datasets={"train": dataset},
@@ -214,6 +215,11 @@ def train_stage(
     from workflows.runtime import init_ray
 
     _check_stage(stage)
+    if validation_protocol(cfg) is None:
+        print(
+            f"[train] no validation: no protocol of lightbsr.protocols is x{cfg.model.scale} setting "
+            f"{cfg.model.setting}; val_psnr is not logged"
+        )
     run_name = stage_run_name(cfg, stage)
     teacher_source = load_teacher_source(cfg) if stage == "student" else None
     basis = stage_basis(cfg, teacher_source)

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -25,10 +25,11 @@ from torch import nn
 
 from lightbsr.checkpoint import save_checkpoint
 from lightbsr.objectives import StudentObjective, TeacherObjective
+from lightbsr.protocols import Protocol
 from lightbsr.schedule import learning_rate, phase_of
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
-from workflows.config import Config
+from workflows.config import Config, ConfigError
 from workflows.resume import CHECKPOINT_RECORD, fingerprint, read_stream_start
 from workflows.tracking import redacted_config
 
@@ -205,35 +206,63 @@ def _as_float_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div_(255) if pixels.dtype == torch.uint8 else pixels
 
 
+def validation_protocol(cfg: Config) -> Protocol | None:
+    """`tune.protocol`, which must degrade at the model's scale and setting (val_psnr is the sweep's objective).
+
+    A mismatch is a ConfigError naming the protocols that would fit, rather than a silent run
+    without val_psnr, and rather than a quietly swapped protocol (a sweep would then optimise
+    something other than what its config says). None (no validation) only when lightbsr.protocols
+    defines no protocol at all for the model's scale and setting.
+    """
+    from lightbsr.protocols import PROTOCOLS, get_protocol
+
+    protocol = get_protocol(cfg.tune.protocol)
+    model = (cfg.model.scale, cfg.model.setting)
+    if (protocol.scale, protocol.setting) == model:
+        return protocol
+    matching = sorted(n for n, p in PROTOCOLS.items() if (p.scale, p.setting) == model)
+    if not matching:
+        return None
+    raise ConfigError(
+        f"tune.protocol: {protocol.name} degrades for x{protocol.scale} setting {protocol.setting} but the model "
+        f"is x{cfg.model.scale} setting {cfg.model.setting}, so validation (val_psnr) cannot run; "
+        f"set tune.protocol to one of {', '.join(matching)}"
+    )
+
+
+def validation_images(cfg: Config) -> list[tuple[str, bytes]]:
+    """(name, encoded bytes) of the first VALIDATION_IMAGES images of `data.eval_images` (a folder or URL)."""
+    from lightbsr.images import IMAGE_EXTENSIONS
+    from workflows import storage
+    from workflows.urls import join
+
+    url, s3 = cfg.data.eval_images, cfg.storage.s3
+    names = [n for n in storage.list_files(url, s3) if n.lower().endswith(IMAGE_EXTENSIONS)][:VALIDATION_IMAGES]
+    return [(n, storage.read_bytes(join(url, n), s3)) for n in names]
+
+
 def validation_set(cfg: Config, basis: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor] | None:
     """Fixed held-out pairs: centre crops of the first eval images, degraded by the sweep's protocol."""
-    from lightbsr.images import list_images, read_rgb
-    from lightbsr.protocols import get_protocol
+    from lightbsr.images import read_rgb
 
-    folder = cfg.data.eval_images
-    if "://" in folder or not Path(folder).is_dir():
-        return None
-    protocol = get_protocol(cfg.tune.protocol)
-    if protocol.scale != cfg.model.scale or protocol.setting != cfg.model.setting:
-        print(
-            f"[train] no validation: tune.protocol {protocol.name} is x{protocol.scale} setting {protocol.setting}, "
-            f"the model x{cfg.model.scale} setting {cfg.model.setting}"
-        )
+    protocol = validation_protocol(cfg)
+    if protocol is None:
         return None
     side = VALIDATION_LR_SIDE * cfg.model.scale
     lrs, hrs, priors = [], [], []
-    for index, path in enumerate(list_images(folder)[:VALIDATION_IMAGES]):
-        image = torch.from_numpy(read_rgb(path)).permute(2, 0, 1).float() / 255  # (3, H, W)
+    for index, (name, data) in enumerate(validation_images(cfg)):
+        image = torch.from_numpy(read_rgb(data, name=name)).permute(2, 0, 1).float() / 255  # (3, H, W)
         top, left = max(0, (image.shape[1] - side) // 2), max(0, (image.shape[2] - side) // 2)
         crop = image[:, top : top + side, left : left + side]
         if crop.shape[1:] != (side, side):
             continue
         case = protocol.cases[index % len(protocol.cases)]
-        hr, lr = protocol.make_pair(crop, case, Path(path).name)
+        hr, lr = protocol.make_pair(crop, case, PurePosixPath(name).name)
         lrs.append(lr)
         hrs.append(hr)
         priors.append(protocol.prior(case, basis))
     if not lrs:
+        print(f"[train] no validation: no image of data.eval_images is {side} px or more on each side", flush=True)
         return None
     return {
         "lr": torch.stack(lrs).to(device),
@@ -390,6 +419,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 def _train(ctx: LoopContext, loop: dict[str, Any]) -> None:
     import ray.train
 
+    from workflows.runtime import quiet_logs
+
+    quiet_logs()
     cfg, schedule = ctx.cfg, ctx.cfg.schedule
     _seed_everything(cfg.train.seed)
     objective = build_objective(cfg, ctx.stage, loop["teacher"])

@@ -204,3 +204,30 @@ def test_command_line_rejects_a_bad_override_before_ray_starts(capsys):
     assert run(main, ["--set", "train.batch_size=0"], prog="lightbsr train") == 2
     err = capsys.readouterr().err
     assert "train.batch_size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_validation_reads_eval_images_from_s3_as_from_a_folder(s3_server, tmp_path, sample_images):
+    from workflows import storage
+    from workflows.train_loop import validation_set
+
+    local = tiny_config(tmp_path, sample_images)
+    names = sorted(p.name for p in (sample_images / "eval").iterdir() if p.suffix.lower() == ".png")
+    remote_url = f"s3://{s3_server.bucket}/validation-test/eval"
+    with s3_server.environment():
+        for name in names:
+            storage.atomic_write_bytes(f"{remote_url}/{name}", (sample_images / "eval" / name).read_bytes())
+        remote = tiny_config(tmp_path, sample_images, f"data.eval_images={remote_url}")
+        from_s3 = validation_set(remote, kernel_pca_basis(0), torch.device("cpu"))
+    from_folder = validation_set(local, kernel_pca_basis(0), torch.device("cpu"))
+    assert from_s3 is not None and from_folder is not None and len(from_folder["lr"]) > 0
+    for key in ("lr", "hr", "prior"):
+        assert torch.equal(from_s3[key], from_folder[key]), key
+
+
+def test_a_validation_protocol_of_another_setting_is_refused_before_training(tmp_path, sample_images):
+    from workflows.config import ConfigError
+
+    cfg = tiny_config(tmp_path, sample_images, "model.setting=2", "tune.protocol=iso_x4")
+    with pytest.raises(ConfigError, match=r"tune\.protocol: iso_x4 .* set tune\.protocol to one of aniso_x4"):
+        train_stage(cfg, "teacher", tracking=False)
+    assert not (tmp_path / "store").exists(), "refused before any work"
