@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -161,9 +162,10 @@ def rows_per_epoch(cfg: Config) -> int:
 def chunk_rows(cfg: Config) -> int:
     """Samples per chunk: the largest divisor of the per-worker batch up to MAX_CHUNK_ROWS.
 
-    Dividing the per-worker batch is what keeps epochs aligned under the round-robin split.
+    Dividing the per-worker batch is what keeps epochs aligned under the round-robin split; with a
+    [min, max] range of workers it divides the per-worker batch of every count in the range.
     """
-    per_worker = cfg.train.batch_size // cfg.train.num_workers
+    per_worker = math.gcd(*(cfg.train.batch_size // n for n in cfg.train.worker_counts))
     return max(d for d in range(1, min(per_worker, MAX_CHUNK_ROWS) + 1) if per_worker % d == 0)
 
 

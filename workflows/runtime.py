@@ -33,10 +33,23 @@ def set_quiet_env() -> None:
     quiet_logs()
 
 
+class _RayTrainInfo(logging.Filter):
+    """Drops INFO records emitted from Ray Train's code, whatever their logger's name (some are
+    named after the file, outside the `ray.train` hierarchy: "Reporting training result ...")."""
+
+    _DIR = f"{os.sep}ray{os.sep}train{os.sep}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or self._DIR not in record.pathname
+
+
 def quiet_logs() -> None:
     """Our own lines only: Ray Train's report chatter and MLflow's warnings filtered (in this process)."""
     for name, level in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _RayTrainInfo) for f in handler.filters):
+            handler.addFilter(_RayTrainInfo())
     warnings.filterwarnings("ignore", module=r"mlflow(\..*)?$")
 
 

@@ -161,6 +161,7 @@ def _completed(cfg: Config, stage: str, run_name: str, found: Found, tracking: b
 
 def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, callbacks: list | tuple):
     """The TorchTrainer of a stage: the shard stream unless a ready `dataset` is given."""
+    from ray import LoggingConfig
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -177,16 +178,20 @@ def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, call
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        # mypy sees Ray Train V1's configs; V2's (the ones in use) take a (min, max) range of workers
+        # (elastic training) and a worker_runtime_env
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+            num_workers=cfg.train.num_workers,  # type: ignore[arg-type]
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=resources,
         ),
         run_config=RunConfig(
             name=stage_run_name(cfg, stage),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks),
-            # mypy sees Ray Train V1's RunConfig; V2's (the one in use) has worker_runtime_env
             worker_runtime_env={"env_vars": {**worker_env(), **tracking.artifact_env(cfg)}},  # type: ignore[call-arg]
+            logging_config=LoggingConfig(log_level="WARNING"),  # no per-report TrainingReport(...) lines
             **_storage(cfg),
         ),
         datasets={"train": dataset},

@@ -341,7 +341,12 @@ class LoopContext:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = get_device()
-        self.local_batch = self.cfg.train.batch_size // self.world
+        if self.cfg.train.batch_size % self.world:
+            raise ConfigError(
+                f"train.batch_size ({self.cfg.train.batch_size}) does not divide over the {self.world} workers "
+                f"Ray Train started (train.num_workers {self.cfg.train.num_workers})"
+            )
+        self.local_batch = self.cfg.train.batch_size // self.world  # the global batch is the config's
         self.run_name: str = f"{self.cfg.train.run_name}-{self.stage}"
         run_id = loop["run_id"] if self.rank == 0 else None
         for key, value in SENDER_ENV.items():
@@ -494,6 +499,7 @@ def _train(ctx: LoopContext, loop: dict[str, Any]) -> None:
             epoch_time_s=elapsed,
             samples_per_s=schedule.iters_per_epoch * cfg.train.batch_size / elapsed,
             data_wait_s=stream.wait_s,
+            workers=ctx.world,
         )
         if val is not None:
             metrics["val_psnr"] = validation_psnr(objective, val, cfg.model.scale)

@@ -231,3 +231,39 @@ def test_a_validation_protocol_of_another_setting_is_refused_before_training(tmp
     with pytest.raises(ConfigError, match=r"tune\.protocol: iso_x4 .* set tune\.protocol to one of aniso_x4"):
         train_stage(cfg, "teacher", tracking=False)
     assert not (tmp_path / "store").exists(), "refused before any work"
+
+
+def test_a_run_killed_on_two_workers_continues_from_its_checkpoint_on_a_range_of_one(
+    ray_local, tmp_path, sample_images
+):
+    from ray.train import Result
+
+    from workflows.errors import RuntimeFailure
+
+    common = ["schedule.epochs=3", "schedule.phase1_epochs=1", "schedule.iters_per_epoch=4", "train.keep_checkpoints=3"]
+    two = tiny_config(tmp_path, sample_images, "train.num_workers=2", "train.max_failures=0", *common)
+    outcome = {}
+
+    def first_run():
+        try:
+            train_stage(two, "teacher", dataset=in_memory_dataset(ray_local, sample_images, views=4), tracking=False)
+        except RuntimeFailure as error:
+            outcome["error"] = error
+
+    run = threading.Thread(target=first_run)
+    run.start()
+    pid = _train_worker_pid(ray_local)
+    killed_after = _wait_for_checkpoint(two, "teacher")
+    os.kill(pid, signal.SIGKILL)
+    run.join(timeout=400)
+    assert "error" in outcome, "with max_failures=0 the killed run fails"
+    assert killed_after["epoch"] < 3 and killed_after["workers"] == 2
+
+    # the same run, now elastic with at most one worker (the global batch stays 4: 4 per worker)
+    one = tiny_config(tmp_path, sample_images, "train.num_workers=[1,1]", *common)
+    result = train_stage(one, "teacher", dataset=in_memory_dataset(ray_local, sample_images, views=4), tracking=False)
+    assert (result.epoch, result.iteration) == (3, 12)
+    kept = Result.from_path(str(tmp_path / "store" / stage_run_name(one, "teacher"))).best_checkpoints
+    reported = sorted((m["epoch"], m["iteration"], m["workers"]) for _, m in kept)
+    resumed = [(e, 4 * e, 1) for e in range(killed_after["epoch"] + 1, 4)]
+    assert reported[-len(resumed) :] == resumed, "continued after the killed run's checkpoint, on one worker"
