@@ -267,3 +267,33 @@ def test_a_run_killed_on_two_workers_continues_from_its_checkpoint_on_a_range_of
     reported = sorted((m["epoch"], m["iteration"], m["workers"]) for _, m in kept)
     resumed = [(e, 4 * e, 1) for e in range(killed_after["epoch"] + 1, 4)]
     assert reported[-len(resumed) :] == resumed, "continued after the killed run's checkpoint, on one worker"
+
+
+def test_more_cpus_than_the_cluster_has_is_an_error_naming_the_keys(ray_local, tmp_path, sample_images):
+    from workflows.config import ConfigError
+
+    total = ray_local.cluster_resources()["CPU"]
+    cfg = tiny_config(tmp_path, sample_images, "train.num_workers=[1,2]", f"train.cpus_per_worker={total}")
+    with pytest.raises(ConfigError) as refused:
+        train_stage(cfg, "teacher", tracking=False)
+    message = str(refused.value)
+    assert f"train.num_workers (1) x train.cpus_per_worker ({total:g}) + data.data_cpus (1) + 1 for" in message
+    assert f"the Ray cluster has {total:g}" in message
+
+
+def test_a_wrong_s3_secret_is_one_line_without_the_secret(s3_server, mlflow_server, sample_images, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-9f3a")
+    argv = [
+        f"storage.root=s3://{s3_server.bucket}/wrong-secret",
+        f"storage.s3.endpoint_url={s3_server.endpoint}",
+        "storage.s3.retries=1",
+        f"tracking.uri={mlflow_server}",
+        f"data.train_images={sample_images / 'train'}",
+        f"data.eval_images={sample_images / 'eval'}",
+        "train.stage=teacher",
+    ]
+    assert run(main, [a for o in argv for a in ("--set", o)], prog="lightbsr train") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lightbsr train: failed:") and "access denied" in err[0]
+    assert "wrong-secret-9f3a" not in err[0]
