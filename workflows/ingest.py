@@ -27,7 +27,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -349,7 +349,7 @@ class ChunkMaker:
         return _chunks_to_rows(batch, self.spec)
 
 
-def _maker_pool(cfg: Config) -> dict:
+def _maker_pool(cfg: Config) -> dict[str, Any]:
     """map_batches arguments: MAKERS_PER_DATA_CPU chunk makers per CPU of `data.data_cpus`.
 
     Each maker reserves 1 / MAKERS_PER_DATA_CPU of a CPU, so the pool as a whole reserves exactly
@@ -393,6 +393,7 @@ def training_dataset(
     if stop_epoch <= start_epoch:
         raise ValueError(f"epochs: expected at least one epoch from {start_epoch}, got {epochs}")
     chunks = (stop_epoch - start_epoch) * spec.rows_per_epoch // spec.chunk
+    maker_env: dict[str, Any] = {"runtime_env": runtime_env} if runtime_env else {}
     ds = (
         ray.data.range(chunks, override_num_blocks=max(1, min(chunks, 4 * (stop_epoch - start_epoch))))
         .repartition(target_num_rows_per_block=1)  # one chunk per block -> one chunk per call
@@ -402,7 +403,7 @@ def training_dataset(
             batch_format="numpy",
             fn_constructor_kwargs={"spec": spec},
             **_maker_pool(cfg),
-            **({"runtime_env": runtime_env} if runtime_env else {}),
+            **maker_env,
         )
     )
     ds.context.execution_options = _execution_options()

@@ -10,9 +10,14 @@ Epochs are 1-based, as in `lightbsr.schedule`; the data stream counts completed 
 
 Checkpoints go through `ray.train.report` to `<storage.root>/<run_name>-<stage>/checkpoint_*`,
 each a folder with `model.pt` (`lightbsr.checkpoint` format: weights including the momentum
-encoder and queue, optimiser, scaler, RNG states, PCA basis, config). A
-lost worker restarts from the latest one (`train.max_failures`); rerunning the same command
-(same run name and storage root) continues the run, and does nothing when it is complete.
+encoder and queue, optimiser, scaler, RNG states, PCA basis, redacted config) and `lightbsr.json`
+(epoch, iteration, config fingerprint). A lost worker restarts from the latest one
+(`train.max_failures`), on any worker count `train.num_workers` allows; rerunning the same
+command (same run name and storage root) continues the run, does nothing when it is complete,
+and refuses when the config the results depend on changed (`workflows.resume`).
+
+This module is the driver: trainer construction, the MLflow run (opened here, ended on every
+exit path), the command line. What runs on the workers is `workflows.train_loop`.
 """
 
 from __future__ import annotations
