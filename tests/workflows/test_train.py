@@ -297,3 +297,37 @@ def test_a_wrong_s3_secret_is_one_line_without_the_secret(s3_server, mlflow_serv
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lightbsr train: failed:") and "access denied" in err[0]
     assert "wrong-secret-9f3a" not in err[0]
+
+
+def test_the_shard_stream_restarts_after_the_checkpoint_the_workers_restore(ray_local, tmp_path, sample_images):
+    """A killed worker: the stream is rebuilt after the restored epoch (the workers check it) and the run ends."""
+    import shutil
+
+    from workflows.resume import read_stream_start
+    from workflows.shards import write_shards
+
+    (tmp_path / "src").mkdir()
+    shutil.copy(sample_images / "train" / "chelsea.png", tmp_path / "src")
+    cfg = tiny_config(
+        tmp_path,
+        sample_images,
+        "data.tiles_per_shard=10",
+        "data.data_cpus=0.5",
+        "schedule.epochs=3",
+        "schedule.phase1_epochs=1",
+        "schedule.iters_per_epoch=3",
+        "train.max_failures=1",
+    )
+    write_shards(str(tmp_path / "src"), cfg.shards_url, cfg, progress=False)
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.setdefault("result", train_stage(cfg, "teacher", tracking=False)))
+    run.start()
+    pid = _train_worker_pid(ray_local)
+    killed_after = _wait_for_checkpoint(cfg, "teacher")
+    os.kill(pid, signal.SIGKILL)
+    run.join(timeout=600)
+    result = outcome["result"]
+    assert killed_after["epoch"] < 3, "the worker must die before the end for this test to mean anything"
+    assert (result.epoch, result.iteration) == (3, 9)
+    # the last stream was built after a restore (not from epoch 0), as the workers asserted
+    assert read_stream_start(cfg, stage_run_name(cfg, "teacher")) >= killed_after["epoch"] >= 1
