@@ -331,3 +331,19 @@ def test_the_shard_stream_restarts_after_the_checkpoint_the_workers_restore(ray_
     assert (result.epoch, result.iteration) == (3, 9)
     # the last stream was built after a restore (not from epoch 0), as the workers asserted
     assert read_stream_start(cfg, stage_run_name(cfg, "teacher")) >= killed_after["epoch"] >= 1
+
+
+def test_train_with_mlflow_down_at_start_fails_at_once_with_one_line(tmp_path, sample_images, capsys):
+    from tests.fixtures.mlflow_server import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    argv = [
+        f"storage.root={tmp_path / 'store'}",
+        f"tracking.uri={down}",
+        f"data.train_images={sample_images / 'train'}",
+        f"data.eval_images={sample_images / 'eval'}",
+    ]
+    assert run(main, [a for o in argv for a in ("--set", o)], prog="lightbsr train") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tracking.uri" in err[0] and "not reachable" in err[0]
+    assert not (tmp_path / "store").exists(), "nothing was started"
