@@ -102,7 +102,9 @@ class TrainConfig(_Strict):
     stage: Literal["teacher", "student", "both"] = "both"
     run_name: str = Field("lightbsr", pattern=r"^[A-Za-z0-9._-]+$")
     batch_size: int = Field(64, ge=1, description="global batch (split across workers)")
-    num_workers: int = Field(1, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        1, description="workers, or [min, max] for elastic training (Ray Train runs on what is free in the range)"
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -115,6 +117,12 @@ class TrainConfig(_Strict):
     teacher_checkpoint: str | None = Field(
         None, description="teacher for the student stage: path, s3:// URL, runs:/<id>/... or models:/<name>@<alias>"
     )
+
+    @property
+    def worker_counts(self) -> range:
+        """Every world size the run may have (one, unless num_workers is a [min, max] range)."""
+        low, high = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        return range(low, high + 1)
 
 
 class TrackingConfig(_Strict):
@@ -187,10 +195,14 @@ class Config(_Strict):
     def _consistent(self) -> Config:
         if self.schedule.phase1_epochs + self.schedule.warmup_epochs > self.schedule.epochs:
             raise ValueError("schedule.phase1_epochs + schedule.warmup_epochs exceed schedule.epochs")
-        if self.train.batch_size % self.train.num_workers:
+        counts = self.train.worker_counts
+        if not counts or counts.start < 1:
+            raise ValueError(f"train.num_workers: expected a count >= 1 or [min, max], got {self.train.num_workers}")
+        uneven = [n for n in counts if self.train.batch_size % n]
+        if uneven:
             raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) must divide evenly over "
-                f"train.num_workers ({self.train.num_workers})"
+                f"train.batch_size ({self.train.batch_size}) must divide evenly over every worker count of "
+                f"train.num_workers ({self.train.num_workers}); it does not over {uneven}"
             )
         hr_patch = self.data.patch_size * self.model.scale
         if self.data.tile_size < hr_patch:

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -151,9 +152,10 @@ def rows_per_epoch(cfg: Config) -> int:
 def chunk_rows(cfg: Config) -> int:
     """Samples per chunk: the largest divisor of the per-worker batch up to MAX_CHUNK_ROWS.
 
-    Dividing the per-worker batch is what keeps epochs aligned under the round-robin split.
+    Dividing the per-worker batch is what keeps epochs aligned under the round-robin split; with a
+    [min, max] range of workers it divides the per-worker batch of every count in the range.
     """
-    per_worker = cfg.train.batch_size // cfg.train.num_workers
+    per_worker = math.gcd(*(cfg.train.batch_size // n for n in cfg.train.worker_counts))
     return max(d for d in range(1, min(per_worker, MAX_CHUNK_ROWS) + 1) if per_worker % d == 0)
 
 
@@ -332,7 +334,7 @@ class ChunkMaker:
         return _chunks_to_rows(batch, self.spec)
 
 
-def _maker_pool(cfg: Config) -> dict:
+def _maker_pool(cfg: Config) -> dict[str, Any]:
     """map_batches arguments: MAKERS_PER_DATA_CPU chunk makers per CPU of `data.data_cpus`.
 
     Each maker reserves 1 / MAKERS_PER_DATA_CPU of a CPU, so the pool as a whole reserves exactly
@@ -376,6 +378,7 @@ def training_dataset(
     if stop_epoch <= start_epoch:
         raise ValueError(f"epochs: expected at least one epoch from {start_epoch}, got {epochs}")
     chunks = (stop_epoch - start_epoch) * spec.rows_per_epoch // spec.chunk
+    maker_env: dict[str, Any] = {"runtime_env": runtime_env} if runtime_env else {}
     ds = (
         ray.data.range(chunks, override_num_blocks=max(1, min(chunks, 4 * (stop_epoch - start_epoch))))
         .repartition(target_num_rows_per_block=1)  # one chunk per block -> one chunk per call
@@ -385,7 +388,7 @@ def training_dataset(
             batch_format="numpy",
             fn_constructor_kwargs={"spec": spec},
             **_maker_pool(cfg),
-            **({"runtime_env": runtime_env} if runtime_env else {}),
+            **maker_env,
         )
     )
     ds.context.execution_options = _execution_options()

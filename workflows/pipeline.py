@@ -1,8 +1,10 @@
 """End to end: samples/shards -> teacher -> student -> evaluate -> register.
 
 Each step records what it produced in `<storage.root>/pipeline/<run_name>/<step>.json` (written
-whole, then renamed); a rerun skips every step whose record exists, so an interrupted pipeline
-continues where it stopped. `ray job submit -- python -m workflows.pipeline --config ...` runs it
+whole, then renamed) with the config fingerprint (`workflows.resume.fingerprint`); a rerun skips
+every step whose record exists, so an interrupted pipeline continues where it stopped, and refuses
+(naming the keys) when the config its results depend on changed since. It ends with a summary:
+the records, the evaluation tables and the `lightbsr upscale` command for the registered model. `ray job submit -- python -m workflows.pipeline --config ...` runs it
 on a cluster; locally it starts a private Ray.
 """
 
@@ -10,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from workflows.config import Config, ConfigError, add_config_arguments, load_config
+from workflows.resume import check_fingerprint, fingerprint
+from workflows.urls import redact
 
 STEPS = ("samples", "shards", "teacher", "student", "evaluate", "register")
 
@@ -33,13 +38,14 @@ def read_record(cfg: Config, step: str) -> dict[str, Any] | None:
     return json.loads(storage.read_bytes(url, cfg.storage.s3))
 
 
-def write_record(cfg: Config, step: str, record: dict[str, Any]) -> None:
+def write_record(cfg: Config, step: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Store a step's record with the config fingerprint; returns what was stored."""
     from workflows import storage
 
-    payload = json.dumps(
-        {"step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}, indent=2, default=str
-    )
-    storage.atomic_write_bytes(_record_url(cfg, step), payload.encode(), cfg.storage.s3)
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    full = {"step": step, "finished": finished, **record, "fingerprint": fingerprint(cfg)}
+    storage.atomic_write_bytes(_record_url(cfg, step), json.dumps(full, indent=2, default=str).encode(), cfg.storage.s3)
+    return full
 
 
 def step_samples(cfg: Config, done: dict) -> dict:
@@ -97,7 +103,13 @@ def step_evaluate(cfg: Config, done: dict) -> dict:
         out=out,
     )
     print(result.tables.markdown)
-    return {"folder": out, "table_csv": f"{out}/table.csv", "mlflow_run_id": result.run_id, "idr": result.idr}
+    return {
+        "folder": out,
+        "table_csv": f"{out}/table.csv",
+        "table_md": f"{out}/table.md",
+        "mlflow_run_id": result.run_id,
+        "idr": result.idr,
+    }
 
 
 def step_register(cfg: Config, done: dict) -> dict:
@@ -114,7 +126,7 @@ def step_register(cfg: Config, done: dict) -> dict:
                 fh.write(storage.read_bytes(done["evaluate"]["table_csv"], cfg.storage.s3))
         name, version = register_checkpoint(done["student"]["checkpoint"], cfg, eval_table=table)
     model_uri = f"models:/{name}@{cfg.tracking.alias}"
-    print(f"[pipeline] registered {name} version {version}: lightbsr upscale --model {model_uri} IN OUT")
+    print(f"[pipeline] registered {name} version {version}")
     return {"model_uri": model_uri, "name": name, "version": version}
 
 
@@ -152,6 +164,7 @@ def run_pipeline(cfg: Config, steps: tuple[str, ...] = STEPS, log: Callable[[str
     for step in steps:
         record = read_record(cfg, step)
         if record is not None:
+            check_fingerprint(cfg, record.get("fingerprint"), f"pipeline {cfg.train.run_name} step {step}")
             log(f"[pipeline] {step}: already done, skipping")
             done[step] = record
             continue
@@ -159,10 +172,35 @@ def run_pipeline(cfg: Config, steps: tuple[str, ...] = STEPS, log: Callable[[str
         started = time.monotonic()
         record = STEP_FUNCTIONS[step](cfg, done)
         record["seconds"] = round(time.monotonic() - started, 1)
-        write_record(cfg, step, record)
-        done[step] = record
+        done[step] = write_record(cfg, step, record)
         log(f"[pipeline] {step}: done in {record['seconds']} s")
     return done
+
+
+def upscale_command(cfg: Config, model_uri: str) -> str:
+    """The `lightbsr upscale` line for a registered model, runnable from any directory (URLs redacted)."""
+    from workflows.tracking import artifact_env
+
+    env = {"MLFLOW_TRACKING_URI": cfg.tracking_uri, **artifact_env(cfg)}
+    assignments = " ".join(f"{key}={shlex.quote(redact(value))}" for key, value in env.items())
+    return f"{assignments} lightbsr upscale --model {shlex.quote(model_uri)} INPUT OUTPUT"
+
+
+def summary(cfg: Config, done: dict[str, dict]) -> str:
+    """Where the pipeline's records and tables are, and how to use the registered model."""
+    lines = [f"[pipeline] {cfg.train.run_name}: records in {redact(cfg.url('pipeline', cfg.train.run_name))}"]
+    for step, record in done.items():
+        lines.append(
+            f"  {step}: {record.get('seconds', '?')} s"
+            + (f", {redact(record['checkpoint'])}" if "checkpoint" in record else "")
+        )
+    if "evaluate" in done:
+        for key in ("table_md", "table_csv"):
+            if key in done["evaluate"]:
+                lines.append(f"  evaluation table: {redact(done['evaluate'][key])}")
+    if "register" in done:
+        lines.append(f"  upscale with the registered model:\n    {upscale_command(cfg, done['register']['model_uri'])}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,28 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
-        unknown = [s for s in steps if s not in STEPS]
-        if unknown:
-            raise ConfigError(f"--steps: unknown step(s) {unknown}; known: {', '.join(STEPS)}")
-        done = run_pipeline(cfg, steps)
-    except ConfigError as error:
-        print(f"lightbsr pipeline: {error}", file=sys.stderr)
-        return 2
-    print(
-        json.dumps(
-            {
-                step: {k: v for k, v in rec.items() if k in ("seconds", "checkpoint", "model_uri")}
-                for step, rec in done.items()
-            },
-            indent=2,
-            default=str,
-        )
-    )
+    cfg = load_config(args.config, args.overrides)
+    steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise ConfigError(f"--steps: unknown step(s) {unknown}; known: {', '.join(STEPS)}")
+    done = run_pipeline(cfg, steps)
+    print(summary(cfg, done))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from workflows.cli import run
+
+    sys.exit(run(main, prog="lightbsr pipeline"))

@@ -10,44 +10,45 @@ Epochs are 1-based, as in `lightbsr.schedule`; the data stream counts completed 
 
 Checkpoints go through `ray.train.report` to `<storage.root>/<run_name>-<stage>/checkpoint_*`,
 each a folder with `model.pt` (`lightbsr.checkpoint` format: weights including the momentum
-encoder and queue, optimiser, scaler, RNG states, PCA basis, config). A
-lost worker restarts from the latest one (`train.max_failures`); rerunning the same command
-(same run name and storage root) continues the run, and does nothing when it is complete.
+encoder and queue, optimiser, scaler, RNG states, PCA basis, redacted config) and `lightbsr.json`
+(epoch, iteration, config fingerprint). A lost worker restarts from the latest one
+(`train.max_failures`), on any worker count `train.num_workers` allows; rerunning the same
+command (same run name and storage root) continues the run, does nothing when it is complete,
+and refuses when the config the results depend on changed (`workflows.resume`).
+
+This module is the driver: trainer construction, the MLflow run (opened here, ended on every
+exit path), the command line. What runs on the workers is `workflows.train_loop`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import random
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from torch import nn
 
-from lightbsr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lightbsr.checkpoint import CheckpointError, load_checkpoint
 from lightbsr.degrade import kernel_pca_basis
-from lightbsr.objectives import StudentObjective, TeacherObjective
-from lightbsr.schedule import learning_rate, phase_of
-from lightbsr.student import Student
-from lightbsr.teacher import Teacher
 from workflows.config import Config, ConfigError, add_config_arguments, load_config
+from workflows.errors import RuntimeFailure
+from workflows.resume import (
+    Found,
+    check_fingerprint,
+    checkpoint_record,
+    checkpoint_url,
+    latest_checkpoint,
+    write_stream_start,
+)
+from workflows.train_loop import train_loop_per_worker, validation_protocol
+from workflows.urls import redact, redact_text
 
-__all__ = ["StageResult", "latest_checkpoint", "main", "train", "train_loop_per_worker", "train_stage"]
+__all__ = ["StageResult", "latest_checkpoint", "main", "train", "train_stage"]
 
 STAGES = ("teacher", "student")
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2 (2.60) run record
-VALIDATION_IMAGES = 4  # held-out images scored every epoch (the sweep's objective)
-VALIDATION_LR_SIDE = 48  # LR centre crop side: cheap enough to run every epoch
 
 
 @dataclass
@@ -71,25 +72,6 @@ def stage_run_name(cfg: Config, stage: str) -> str:
 def _check_stage(stage: str) -> None:
     if stage not in STAGES:
         raise ConfigError(f"train.stage: expected one of {STAGES} for a single stage, got {stage!r}")
-
-
-def latest_checkpoint(cfg: Config, run_name: str) -> tuple[str, dict[str, Any]] | None:
-    """(folder URI, metrics reported with it) of the checkpoint Ray Train restores a run from, or None.
-
-    Read from Ray Train's own record of the run (`checkpoint_manager_snapshot.json`, written after
-    a checkpoint is fully stored), so a half-copied checkpoint folder is never taken.
-    """
-    from workflows import storage
-
-    run_url = storage.join(cfg.storage.root, run_name)
-    try:
-        snapshot = json.loads(storage.read_bytes(storage.join(run_url, RAY_SNAPSHOT), cfg.storage.s3))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    latest = snapshot.get("latest_checkpoint_result")
-    if not latest:
-        return None
-    return storage.join(run_url, latest["checkpoint_dir_name"]), latest["metrics"]
 
 
 def load_teacher_source(cfg: Config) -> dict[str, Any]:
@@ -125,7 +107,11 @@ def stage_basis(cfg: Config, teacher_source: dict[str, Any] | None) -> torch.Ten
 
 @dataclass
 class ResumableStream:
-    """Ray Data stream that starts after the latest stored checkpoint; built again on each (re)start."""
+    """Ray Data stream that starts after the latest stored checkpoint; built again on each (re)start.
+
+    It records the epoch it starts after (`resume.write_stream_start`); every worker checks that
+    against the checkpoint Ray Train hands it.
+    """
 
     config: dict[str, Any]
     stage: str
@@ -136,8 +122,10 @@ class ResumableStream:
         from workflows.ingest import training_dataset
 
         cfg = config_from_dict(self.config)
-        found = latest_checkpoint(cfg, stage_run_name(cfg, self.stage))
-        completed = found[1]["epoch"] if found else 0
+        run_name = stage_run_name(cfg, self.stage)
+        found = latest_checkpoint(cfg, run_name)
+        completed = found.epoch if found else 0
+        write_stream_start(cfg, run_name, completed)
         return training_dataset(cfg, self.stage, self.basis, start_epoch=completed)
 
 
@@ -149,12 +137,6 @@ def _storage(cfg: Config) -> dict[str, Any]:
         fs, path = storage.filesystem(cfg.storage.root, cfg.storage.s3)
         return {"storage_path": path, "storage_filesystem": fs}
     return {"storage_path": cfg.storage.root}
-
-
-def _checkpoint_uri(cfg: Config, checkpoint) -> str:
-    from workflows import storage
-
-    return f"s3://{checkpoint.path}" if storage.is_s3(cfg.storage.root) else checkpoint.path
 
 
 def _log_final_model(cfg: Config, run_id: str, checkpoint_url: str, stage: str) -> None:
@@ -170,6 +152,87 @@ def _log_final_model(cfg: Config, run_id: str, checkpoint_url: str, stage: str) 
             tracking.log_model(cfg, run_id, load_checkpoint(file, role="student").model)
 
 
+def _completed(cfg: Config, stage: str, run_name: str, found: Found, tracking: bool) -> StageResult:
+    """The result of a stage whose last checkpoint is already the schedule's last epoch."""
+    from workflows import tracking as mlflow_tracking
+
+    print(f"[train] {run_name}: already complete at epoch {found.epoch} ({redact(found.checkpoint)})")
+    run = mlflow_tracking.find_run(cfg, run_name) if tracking else None
+    if run is not None and run.info.status != "FINISHED":  # finished training, crashed before closing
+        mlflow_tracking.end_run(cfg, run.info.run_id, "FINISHED")
+    run_id = run.info.run_id if run is not None else None
+    return StageResult(stage, run_name, found.checkpoint, found.epoch, found.iteration, found.metrics, run_id)
+
+
+def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, callbacks: list | tuple):
+    """The TorchTrainer of a stage: the shard stream unless a ready `dataset` is given."""
+    from ray import LoggingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workflows import tracking
+    from workflows.runtime import worker_env
+
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+    trainer_kwargs: dict[str, Any] = {}
+    if dataset is None:
+        from workflows.ingest import training_data_config
+
+        dataset = ResumableStream(cfg.model_dump(), stage, loop_config["basis"])
+        trainer_kwargs["dataset_config"] = training_data_config()
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        # mypy sees Ray Train V1's configs; V2's (the ones in use) take a (min, max) range of workers
+        # (elastic training) and a worker_runtime_env
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,  # type: ignore[arg-type]
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=stage_run_name(cfg, stage),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
+            worker_runtime_env={"env_vars": {**worker_env(), **tracking.artifact_env(cfg)}},  # type: ignore[call-arg]
+            logging_config=LoggingConfig(log_level="WARNING"),  # no per-report TrainingReport(...) lines
+            **_storage(cfg),
+        ),
+        datasets={"train": dataset},
+        **trainer_kwargs,
+    )
+
+
+#: CPUs of Ray Data's own tasks in the training stream (listing and repartitioning chunk ids): one at a time.
+STREAM_TASK_CPUS = 1.0
+
+
+def check_capacity(cfg: Config, with_stream: bool) -> None:
+    """The Ray cluster has the CPUs the smallest allowed worker group and the data stream need.
+
+    Otherwise Ray Train waits for them without end (it retries the worker group every minute), or
+    the stream does: the train workers and chunk makers start first, and a read task that finds
+    no CPU left waits forever with zero rows.
+    """
+    import ray
+
+    low = cfg.train.worker_counts.start
+    workers = low * cfg.train.cpus_per_worker
+    data = cfg.data.data_cpus + STREAM_TASK_CPUS if with_stream else 0.0
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total + 1e-9 < workers + data:
+        raise ConfigError(
+            f"train.num_workers ({low}) x train.cpus_per_worker ({cfg.train.cpus_per_worker:g})"
+            + (
+                f" + data.data_cpus ({cfg.data.data_cpus:g}) + {STREAM_TASK_CPUS:g} for Ray Data's read"
+                if with_stream
+                else ""
+            )
+            + f" = {workers + data:g} CPUs, but the Ray cluster has {total:g}; lower them or add nodes"
+        )
+
+
 def train_stage(
     cfg: Config,
     stage: str,
@@ -182,86 +245,58 @@ def train_stage(
     """Run (or continue) one stage on Ray Train and return where its final checkpoint is.
 
     `dataset`: a ready `ray.data.Dataset` with the batch-contract columns instead of the shard
-    stream (tests, benchmarks); `tracking=False` logs nothing to MLflow.
+    stream (tests, benchmarks); `tracking=False` logs nothing to MLflow. A rerun of a stage whose
+    checkpoints were made with a different config raises ConfigChanged naming the keys.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import TrainingFailedError
 
     from workflows import tracking as mlflow_tracking
     from workflows.runtime import init_ray
 
     _check_stage(stage)
+    if validation_protocol(cfg) is None:
+        print(
+            f"[train] no validation: no protocol of lightbsr.protocols is x{cfg.model.scale} setting "
+            f"{cfg.model.setting}; val_psnr is not logged"
+        )
     run_name = stage_run_name(cfg, stage)
     teacher_source = load_teacher_source(cfg) if stage == "student" else None
     basis = stage_basis(cfg, teacher_source)
-    done = latest_checkpoint(cfg, run_name)
-    if done and done[1]["epoch"] >= cfg.schedule.epochs:
-        print(f"[train] {run_name}: already complete at epoch {done[1]['epoch']} ({done[0]})")
-        run = mlflow_tracking.find_run(cfg, run_name) if tracking else None
-        if run is not None and run.info.status != "FINISHED":  # finished training, crashed before closing
-            mlflow_tracking.client(cfg).set_terminated(run.info.run_id, status="FINISHED")
-        return StageResult(
-            stage,
-            run_name,
-            done[0],
-            done[1]["epoch"],
-            done[1]["iteration"],
-            done[1],
-            run.info.run_id if run is not None else None,
-        )
-
-    run_id = None
-    if tracking:
-        run_id, resumed = mlflow_tracking.open_run(cfg, run_name, {"lightbsr.stage": stage, **(mlflow_tags or {})})
-        if not resumed:
-            mlflow_tracking.log_config(cfg, run_id)
+    found = latest_checkpoint(cfg, run_name)
+    if found:
+        stored = checkpoint_record(cfg, found.checkpoint).get("fingerprint")
+        check_fingerprint(cfg, stored, f"run {run_name} (checkpoint {redact(found.checkpoint)})")
+        if found.epoch >= cfg.schedule.epochs:
+            return _completed(cfg, stage, run_name, found, tracking)
 
     init_ray(cfg.ray)
-    loop_config = {
-        "config": cfg.model_dump(),
-        "stage": stage,
-        "basis": basis,
-        "teacher": teacher_source,
-        "tracking_uri": cfg.tracking_uri if tracking else None,
-        "run_id": run_id,
-    }
-    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
-    trainer_kwargs: dict[str, Any] = {}
-    if dataset is None:
-        from workflows.ingest import training_data_config
-
-        dataset = ResumableStream(cfg.model_dump(), stage, basis)
-        trainer_kwargs["dataset_config"] = training_data_config()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=list(callbacks),
-            **_storage(cfg),
-        ),
-        datasets={"train": dataset},
-        **trainer_kwargs,
-    )
-    try:
-        result = trainer.fit()
-    except Exception:
+    check_capacity(cfg, with_stream=dataset is None)
+    tags = {"lightbsr.stage": stage, **(mlflow_tags or {})}
+    with mlflow_tracking.stage_run(cfg, run_name, tags, enabled=tracking) as run_id:
+        loop_config = {
+            "config": cfg.model_dump(),
+            "stage": stage,
+            "basis": basis,
+            "teacher": teacher_source,
+            "tracking_uri": cfg.tracking_uri if tracking else None,
+            "run_id": run_id,
+            "check_stream_start": dataset is None,
+        }
+        try:
+            result = _trainer(cfg, stage, loop_config, dataset, callbacks).fit()
+        except TrainingFailedError as error:
+            raise RuntimeFailure(f"training {run_name} failed: {_first_line(error)}") from error
+        checkpoint = checkpoint_url(cfg, result.checkpoint)
+        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         if run_id:
-            mlflow_tracking.client(cfg).set_terminated(run_id, status="FAILED")
-        raise
-    checkpoint = _checkpoint_uri(cfg, result.checkpoint)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    if run_id:
-        _log_final_model(cfg, run_id, checkpoint, stage)
-        mlflow_tracking.client(cfg).set_terminated(run_id, status="FINISHED")
+            _log_final_model(cfg, run_id, checkpoint, stage)
     return StageResult(
         stage, run_name, checkpoint, int(metrics.get("epoch", 0)), int(metrics.get("iteration", 0)), metrics, run_id
     )
+
+
+def _first_line(error: BaseException) -> str:
+    return redact_text(str(error)).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def train(cfg: Config) -> list[StageResult]:
@@ -272,403 +307,6 @@ def train(cfg: Config) -> list[StageResult]:
     student_cfg = cfg.model_copy(deep=True)
     student_cfg.train.teacher_checkpoint = teacher.checkpoint
     return [teacher, train_stage(student_cfg, "student")]
-
-
-# ============================================================================ worker side
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def build_objective(cfg: Config, stage: str, teacher_source: dict[str, Any] | None) -> nn.Module:
-    """The stage's model inside its objective; a new student starts from the teacher (G + encoder)."""
-    m = cfg.model
-    if stage == "teacher":
-        teacher = Teacher(m.scale, m.setting, m.n_groups, m.n_blocks, m.queue_size, m.momentum)
-        return TeacherObjective(teacher, cfg.loss)
-    config = teacher_source["model_config"]
-    teacher = Teacher(
-        config["scale"],
-        config["setting"],
-        config["n_groups"],
-        config["n_blocks"],
-        config["queue_size"],
-        config["momentum"],
-    )
-    teacher.load_state_dict(teacher_source["state"])
-    student = Student(m.scale, m.n_groups, m.n_blocks)
-    student.load_from_teacher(teacher)
-    return StudentObjective(student, teacher if cfg.loss.distillation else None, cfg.loss)
-
-
-def _use_sync_batchnorm(model: nn.Module) -> None:
-    """SyncBatchNorm in the encoders (query and key); PyTorch supports it on GPUs only."""
-    for name in ("encoder", "key_encoder"):
-        if hasattr(model, name):
-            setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
-
-
-def _distributed(objective: nn.Module, phase: int, device: torch.device) -> nn.Module:
-    """DDP around the objective; phase 1 leaves the reconstruction path unused."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    teacher = getattr(objective, "teacher", None)  # the student's frozen teacher: nothing to sync
-    frozen = (
-        [] if teacher is None else [f"teacher.{n}" for n, _ in [*teacher.named_parameters(), *teacher.named_buffers()]]
-    )
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, frozen)
-    return DistributedDataParallel(
-        objective,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=phase == 1,
-    )
-
-
-@dataclass
-class Precision:
-    dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler
-
-    @classmethod
-    def of(cls, name: str, device: torch.device) -> Precision:
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-        return cls(dtype, torch.amp.GradScaler(device.type, enabled=name == "fp16" and device.type == "cuda"))
-
-    def autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
-
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Backward and optimiser step, through the loss scaler only when fp16 needs one."""
-        if not self.scaler.is_enabled():
-            loss.backward()
-            optimizer.step()
-            return
-        self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
-        self.scaler.update()
-
-
-def _training_collate(float_pixels: bool):
-    """Ray Data collate for the loop: the (lr, hr, prior) columns as tensors.
-
-    It runs in the iterator's prefetch thread. On CPU it also turns the uint8 pixels into
-    floats in [0, 1] there, off the training thread; on a GPU the pixels travel as uint8
-    (a quarter of the bytes) and become floats on the device.
-    """
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class TrainingCollate(NumpyBatchCollateFn):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            if float_pixels:
-                out = {key: torch.from_numpy(batch[key].astype(np.float32)).div_(255) for key in ("lr", "hr")}
-            else:
-                out = {key: torch.from_numpy(np.array(batch[key], copy=True)) for key in ("lr", "hr")}
-            out["prior"] = torch.from_numpy(np.asarray(batch["prior"], dtype=np.float32).copy())
-            return out
-
-    return TrainingCollate()
-
-
-class BatchStream:
-    """Float (lr, hr, prior) batches on the device from a Ray Data iterator, timing the waits.
-
-    A finite dataset (an in-memory stand-in) is iterated again when it runs out.
-    """
-
-    def __init__(self, shard, batch_size: int, device: torch.device) -> None:
-        self.shard, self.batch_size, self.device = shard, batch_size, device
-        self.iterator: Iterator | None = None
-        self.wait_s = 0.0
-
-    def _batches(self) -> Iterator:
-        return iter(
-            self.shard.iter_torch_batches(
-                batch_size=self.batch_size,
-                drop_last=True,
-                prefetch_batches=2,
-                device=self.device,
-                collate_fn=_training_collate(float_pixels=self.device.type == "cpu"),
-                pin_memory=self.device.type == "cuda",
-            )
-        )
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        start = time.perf_counter()
-        if self.iterator is None:
-            self.iterator = self._batches()
-        try:
-            batch = next(self.iterator)
-        except StopIteration:
-            self.iterator = self._batches()
-            batch = next(self.iterator)
-        lr, hr = (_as_float_pixels(batch[key]) for key in ("lr", "hr"))  # (B, V, 3, p, p), (B, V, 3, ps, ps)
-        self.wait_s += time.perf_counter() - start
-        return lr, hr, batch["prior"]  # prior (B, P)
-
-
-def _as_float_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    return pixels.float().div_(255) if pixels.dtype == torch.uint8 else pixels
-
-
-def validation_set(cfg: Config, basis: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor] | None:
-    """Fixed held-out pairs: centre crops of the first eval images, degraded by the sweep's protocol."""
-    from lightbsr.images import list_images, read_rgb
-    from lightbsr.protocols import get_protocol
-
-    folder = cfg.data.eval_images
-    if "://" in folder or not Path(folder).is_dir():
-        return None
-    protocol = get_protocol(cfg.tune.protocol)
-    if protocol.scale != cfg.model.scale or protocol.setting != cfg.model.setting:
-        print(
-            f"[train] no validation: tune.protocol {protocol.name} is x{protocol.scale} setting {protocol.setting}, "
-            f"the model x{cfg.model.scale} setting {cfg.model.setting}"
-        )
-        return None
-    side = VALIDATION_LR_SIDE * cfg.model.scale
-    lrs, hrs, priors = [], [], []
-    for index, path in enumerate(list_images(folder)[:VALIDATION_IMAGES]):
-        image = torch.from_numpy(read_rgb(path)).permute(2, 0, 1).float() / 255  # (3, H, W)
-        top, left = max(0, (image.shape[1] - side) // 2), max(0, (image.shape[2] - side) // 2)
-        crop = image[:, top : top + side, left : left + side]
-        if crop.shape[1:] != (side, side):
-            continue
-        case = protocol.cases[index % len(protocol.cases)]
-        hr, lr = protocol.make_pair(crop, case, Path(path).name)
-        lrs.append(lr)
-        hrs.append(hr)
-        priors.append(protocol.prior(case, basis))
-    if not lrs:
-        return None
-    return {
-        "lr": torch.stack(lrs).to(device),
-        "hr": torch.stack(hrs).to(device),
-        "prior": torch.stack(priors).to(device),
-    }
-
-
-@torch.no_grad()
-def validation_psnr(objective: nn.Module, val: dict[str, torch.Tensor], scale: int) -> float:
-    from lightbsr.metrics import psnr
-
-    objective.eval()
-    sr = torch.cat(
-        [objective.super_resolve(val["lr"][i : i + 1], val["prior"][i : i + 1]) for i in range(len(val["lr"]))]
-    )
-    objective.train()
-    return float(psnr(sr.float().clamp(0, 1), val["hr"], scale).mean())
-
-
-@torch.no_grad()
-def image_strip(objective: nn.Module, lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor) -> np.ndarray:
-    """uint8 (sh, 3 sw, 3): LR (nearest-upscaled) | SR | HR of the first item's view 0."""
-    objective.eval()
-    sr = objective.super_resolve(lr[:1, 0], prior[:1]).float().clamp(0, 1)[0]  # (3, sh, sw)
-    objective.train()
-    scale = hr.shape[-1] // lr.shape[-1]
-    lr_big = lr[0, 0].repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-    strip = torch.cat([lr_big, sr, hr[0, 0]], dim=2)  # (3, sh, 3 sw)
-    return (strip * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def _broadcast_buffers(model: nn.Module) -> None:
-    """Rank 0's BatchNorm statistics to all ranks (plain BatchNorm on CPU keeps per-rank ones)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-def replica_divergence(model: nn.Module) -> float:
-    """Largest difference between ranks of per-tensor sums of |x| and x (0.0 = replicas equal)."""
-    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
-    stats = torch.stack([torch.stack([t.double().sum(), t.double().abs().sum()]) for t in tensors]).flatten()
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return 0.0
-    gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, stats)
-    return float(max((g - gathered[0]).abs().max() for g in gathered))
-
-
-def _restore(checkpoint, model: nn.Module, optimizer, precision: Precision) -> tuple[int, int]:
-    """Load a Ray checkpoint into the model, optimiser and RNGs; (completed epochs, iteration)."""
-    with checkpoint.as_directory() as folder:
-        raw = torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True)
-    model.load_state_dict(raw["model"])
-    state = raw["train_state"]
-    optimizer.load_state_dict(state["optimizer"])
-    precision.scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
-    return int(raw["epoch"]), int(raw["iteration"])
-
-
-class LoopContext:
-    """What one worker holds during a stage."""
-
-    def __init__(self, loop: dict[str, Any]) -> None:
-        import ray.train
-        from ray.train.torch import get_device
-
-        from workflows.config import config_from_dict
-        from workflows.tracking import RunLogger
-
-        self.cfg: Config = config_from_dict(loop["config"])
-        self.stage: str = loop["stage"]
-        self.basis: torch.Tensor = loop["basis"]
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = get_device()
-        self.local_batch = self.cfg.train.batch_size // self.world
-        run_id = loop["run_id"] if self.rank == 0 else None
-        self.log = RunLogger(loop["tracking_uri"] or "", run_id)
-
-    def print(self, message: str) -> None:
-        if self.rank == 0:
-            print(f"[train {self.stage}] {message}", flush=True)
-
-
-def _save_and_report(
-    ctx: LoopContext,
-    model: nn.Module,
-    optimizer,
-    precision: Precision,
-    epoch: int,
-    iteration: int,
-    metrics: dict[str, float],
-    save: bool,
-) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint folder on checkpoint epochs."""
-    import ray.train
-
-    if not save:
-        ray.train.report(metrics)
-        return
-    _broadcast_buffers(model)
-    metrics["replica_divergence"] = replica_divergence(model)
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if ctx.rank == 0:
-            train_state = {
-                "optimizer": optimizer.state_dict(),
-                "scaler": precision.scaler.state_dict(),
-                "rng": _rng_state(),
-            }
-            save_checkpoint(
-                folder,
-                model,
-                role=ctx.stage,
-                model_config=ctx.cfg.model.model_dump(),
-                pca_basis=ctx.basis,
-                epoch=epoch,
-                iteration=iteration,
-                train_state=train_state,
-                config=ctx.cfg.model_dump(),
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """The Ray Train worker function shared by both stages."""
-    import ray.train
-
-    ctx = LoopContext(loop)
-    cfg, schedule = ctx.cfg, ctx.cfg.schedule
-    _seed_everything(cfg.train.seed)
-    objective = build_objective(cfg, ctx.stage, loop["teacher"])
-    model = objective.model
-    if ctx.world > 1 and ctx.device.type == "cuda":
-        _use_sync_batchnorm(model)
-    objective.to(ctx.device).train()
-    trainable = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=schedule.lr, betas=(schedule.beta1, schedule.beta2))
-    precision = Precision.of(cfg.train.precision, ctx.device)
-
-    completed, iteration = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        completed, iteration = _restore(checkpoint, model, optimizer, precision)
-        ctx.print(f"restored after epoch {completed}, iteration {iteration}")
-        ctx.log.metrics({"resumed_at_iteration": iteration}, step=iteration)
-    stream = BatchStream(ray.train.get_dataset_shard("train"), ctx.local_batch, ctx.device)
-    val = validation_set(cfg, ctx.basis, ctx.device) if ctx.rank == 0 else None
-    wrapped, wrapped_phase = objective, None
-
-    for epoch in range(completed + 1, schedule.epochs + 1):
-        phase, lr = phase_of(epoch, schedule), learning_rate(epoch, schedule)
-        if ctx.world > 1 and phase != wrapped_phase:
-            wrapped = None  # drop the old DDP (and its hooks) before wrapping again
-            wrapped, wrapped_phase = _distributed(objective, phase, ctx.device), phase
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sums: dict[str, torch.Tensor] = {}
-        started, stream.wait_s = time.perf_counter(), 0.0
-        window_start, window_wait, window_steps = started, 0.0, 0
-        for _ in range(schedule.iters_per_epoch):
-            lr_images, hr_images, prior = stream.next()
-            with precision.autocast(ctx.device):
-                terms = wrapped(lr_images, hr_images, prior, phase)
-            optimizer.zero_grad(set_to_none=True)
-            precision.backward_and_step(terms["total"], optimizer)
-            iteration += 1
-            window_steps += 1
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float()
-            if ctx.log.active and iteration % cfg.train.log_every_steps == 0:
-                now = time.perf_counter()
-                ctx.log.metrics(
-                    {
-                        **{k: float(v.detach()) for k, v in terms.items()},
-                        "lr": lr,
-                        "samples_per_s": window_steps * cfg.train.batch_size / (now - window_start),
-                        "data_wait_s": (stream.wait_s - window_wait) / window_steps,
-                    },
-                    step=iteration,
-                )
-                window_start, window_wait, window_steps = now, stream.wait_s, 0
-            if ctx.log.active and iteration % cfg.train.image_every_steps == 0:
-                ctx.log.image(
-                    image_strip(objective, lr_images, hr_images, prior), f"strips/{ctx.stage}_{iteration:08d}.png"
-                )
-        elapsed = time.perf_counter() - started
-        metrics = {f"loss_{k}": float(v) / schedule.iters_per_epoch for k, v in sums.items()}
-        metrics.update(
-            epoch=epoch,
-            iteration=iteration,
-            phase=phase,
-            lr=lr,
-            epoch_time_s=elapsed,
-            samples_per_s=schedule.iters_per_epoch * cfg.train.batch_size / elapsed,
-            data_wait_s=stream.wait_s,
-        )
-        if val is not None:
-            metrics["val_psnr"] = validation_psnr(objective, val, cfg.model.scale)
-        save = epoch % cfg.train.checkpoint_every_epochs == 0 or epoch == schedule.epochs
-        _save_and_report(ctx, model, optimizer, precision, epoch, iteration, metrics, save)
-        ctx.log.metrics({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "iteration")}, iteration)
-        ctx.print(
-            f"epoch {epoch}/{schedule.epochs} it {iteration} phase {phase} lr {lr:.2e} "
-            f"loss {metrics['loss_total']:.4f} val_psnr {metrics.get('val_psnr', float('nan')):.2f} "
-            f"{metrics['samples_per_s']:.1f} samples/s"
-        )
 
 
 # ============================================================================ command line
@@ -682,15 +320,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"lightbsr train: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    from workflows.preflight import check
+
+    check(cfg)
     for result in train(cfg):
         print(json.dumps(asdict(result), default=str))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from workflows.cli import run
+
+    sys.exit(run(main, prog="lightbsr train"))

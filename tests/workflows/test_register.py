@@ -251,7 +251,7 @@ def test_register_with_the_registry_down_names_it(tmp_path, capsys):
     assert f"MLflow tracking server {uri} is not reachable" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_an_alias_resolves_to_its_version_and_a_run_artifact_to_its_file(registered, checkpoint, tmp_path):
     """`models:/name@alias` says which version it pointed at; `runs:/<id>/checkpoint` is the file logged there."""
     from mlflow import MlflowClient

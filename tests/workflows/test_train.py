@@ -18,8 +18,10 @@ from lightbsr.checkpoint import load_checkpoint, save_checkpoint
 from lightbsr.degrade import kernel_pca_basis
 from lightbsr.teacher import Teacher
 from tests.lightbsr.real_batches import degraded_examples
+from workflows.cli import run
 from workflows.config import load_config
-from workflows.train import latest_checkpoint, main, stage_run_name, train_stage
+from workflows.resume import ConfigChanged, ResumeError, latest_checkpoint
+from workflows.train import main, stage_run_name, train_stage
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +88,21 @@ def test_two_workers_train_in_lockstep_and_share_one_queue(ray_local, tmp_path, 
     assert torch.equal(saved.pca_basis, kernel_pca_basis(0))
     assert saved.raw["train_state"]["optimizer"]["state"], "optimiser state is saved for an exact resume"
 
+    # a rerun with harmless changes continues (here: is complete); a changed loss is refused, naming the key
+    harmless = cfg.model_copy(deep=True)
+    harmless.train.log_every_steps, harmless.train.num_workers = 7, 1
+    again = train_stage(
+        harmless, "teacher", dataset=in_memory_dataset(ray_local, sample_images, views=4), tracking=False
+    )
+    assert (again.checkpoint, again.iteration) == (result.checkpoint, 8)
+    changed = cfg.model_copy(deep=True)
+    changed.loss.kd_temperature, changed.schedule.lr = 0.3, 1e-3
+    with pytest.raises(ConfigChanged) as refused:
+        train_stage(changed, "teacher", dataset=in_memory_dataset(ray_local, sample_images, views=4), tracking=False)
+    message = str(refused.value)
+    assert "loss.kd_temperature: 0.15 -> 0.3" in message and "schedule.lr: 0.0002 -> 0.001" in message
+    assert "train.run_name" in message and "log_every_steps" not in message
+
 
 def _train_worker_pid(ray, timeout=120):
     """PID of the (single) live Ray Train worker of OUR cluster (others may run on this machine)."""
@@ -104,9 +121,12 @@ def _train_worker_pid(ray, timeout=120):
 def _wait_for_checkpoint(cfg, stage, timeout=180):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = latest_checkpoint(cfg, stage_run_name(cfg, stage))
+        try:
+            found = latest_checkpoint(cfg, stage_run_name(cfg, stage))
+        except ResumeError:  # Ray is writing its record of the run right now
+            found = None
         if found:
-            return found[1]
+            return found.metrics
         time.sleep(0.1)
     raise TimeoutError("no checkpoint was written")
 
@@ -149,14 +169,11 @@ def test_killed_worker_resumes_from_its_last_checkpoint_and_mlflow_holds_the_run
     assert len(resumed) == 1
     restored = int(resumed[0].value)
     assert restored % iters == 0 and iters <= restored < epochs * iters
-    # the steps run: 1..k before the kill, then restored+1..end: none lost, none repeated beyond the checkpoint
-    history = sorted(client.get_metric_history(run_id, "total"), key=lambda m: (m.timestamp, m.step))
-    steps = [m.step for m in history]
-    # steps run before the kill: up to the second occurrence of restored + 1 (if any step after it ran)
-    killed_at = steps.index(restored + 1, restored + 1) if steps.count(restored + 1) == 2 else restored
-    assert steps == list(range(1, killed_at + 1)) + list(range(restored + 1, epochs * iters + 1))
+    # steps replayed after the restore (between the checkpoint and the kill) are not logged twice
+    history = sorted(client.get_metric_history(run_id, "total"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, epochs * iters + 1))
     before = [m.value for m in history[restored - iters : restored]]
-    first_after = history[killed_at].value
+    first_after = history[restored].value
     print(
         f"\nloss before the kill (last epoch checkpointed): {min(before):.2f}..{max(before):.2f}; "
         f"first step after restore: {first_after:.2f}"
@@ -184,5 +201,149 @@ def test_killed_worker_resumes_from_its_last_checkpoint_and_mlflow_holds_the_run
 
 
 def test_command_line_rejects_a_bad_override_before_ray_starts(capsys):
-    assert main(["--set", "train.batch_size=0"]) == 2
-    assert "train.batch_size" in capsys.readouterr().err
+    assert run(main, ["--set", "train.batch_size=0"], prog="lightbsr train") == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_validation_reads_eval_images_from_s3_as_from_a_folder(s3_server, tmp_path, sample_images):
+    from workflows import storage
+    from workflows.train_loop import validation_set
+
+    local = tiny_config(tmp_path, sample_images)
+    names = sorted(p.name for p in (sample_images / "eval").iterdir() if p.suffix.lower() == ".png")
+    remote_url = f"s3://{s3_server.bucket}/validation-test/eval"
+    with s3_server.environment():
+        for name in names:
+            storage.atomic_write_bytes(f"{remote_url}/{name}", (sample_images / "eval" / name).read_bytes())
+        remote = tiny_config(tmp_path, sample_images, f"data.eval_images={remote_url}")
+        from_s3 = validation_set(remote, kernel_pca_basis(0), torch.device("cpu"))
+    from_folder = validation_set(local, kernel_pca_basis(0), torch.device("cpu"))
+    assert from_s3 is not None and from_folder is not None and len(from_folder["lr"]) > 0
+    for key in ("lr", "hr", "prior"):
+        assert torch.equal(from_s3[key], from_folder[key]), key
+
+
+def test_a_validation_protocol_of_another_setting_is_refused_before_training(tmp_path, sample_images):
+    from workflows.config import ConfigError
+
+    cfg = tiny_config(tmp_path, sample_images, "model.setting=2", "tune.protocol=iso_x4")
+    with pytest.raises(ConfigError, match=r"tune\.protocol: iso_x4 .* set tune\.protocol to one of aniso_x4"):
+        train_stage(cfg, "teacher", tracking=False)
+    assert not (tmp_path / "store").exists(), "refused before any work"
+
+
+def test_a_run_killed_on_two_workers_continues_from_its_checkpoint_on_a_range_of_one(
+    ray_local, tmp_path, sample_images
+):
+    from ray.train import Result
+
+    from workflows.errors import RuntimeFailure
+
+    common = ["schedule.epochs=3", "schedule.phase1_epochs=1", "schedule.iters_per_epoch=4", "train.keep_checkpoints=3"]
+    two = tiny_config(tmp_path, sample_images, "train.num_workers=2", "train.max_failures=0", *common)
+    outcome = {}
+
+    def first_run():
+        try:
+            train_stage(two, "teacher", dataset=in_memory_dataset(ray_local, sample_images, views=4), tracking=False)
+        except RuntimeFailure as error:
+            outcome["error"] = error
+
+    run = threading.Thread(target=first_run)
+    run.start()
+    pid = _train_worker_pid(ray_local)
+    killed_after = _wait_for_checkpoint(two, "teacher")
+    os.kill(pid, signal.SIGKILL)
+    run.join(timeout=400)
+    assert "error" in outcome, "with max_failures=0 the killed run fails"
+    assert killed_after["epoch"] < 3 and killed_after["workers"] == 2
+
+    # the same run, now elastic with at most one worker (the global batch stays 4: 4 per worker)
+    one = tiny_config(tmp_path, sample_images, "train.num_workers=[1,1]", *common)
+    result = train_stage(one, "teacher", dataset=in_memory_dataset(ray_local, sample_images, views=4), tracking=False)
+    assert (result.epoch, result.iteration) == (3, 12)
+    kept = Result.from_path(str(tmp_path / "store" / stage_run_name(one, "teacher"))).best_checkpoints
+    reported = sorted((m["epoch"], m["iteration"], m["workers"]) for _, m in kept)
+    resumed = [(e, 4 * e, 1) for e in range(killed_after["epoch"] + 1, 4)]
+    assert reported[-len(resumed) :] == resumed, "continued after the killed run's checkpoint, on one worker"
+
+
+def test_more_cpus_than_the_cluster_has_is_an_error_naming_the_keys(ray_local, tmp_path, sample_images):
+    from workflows.config import ConfigError
+
+    total = ray_local.cluster_resources()["CPU"]
+    cfg = tiny_config(tmp_path, sample_images, "train.num_workers=[1,2]", f"train.cpus_per_worker={total}")
+    with pytest.raises(ConfigError) as refused:
+        train_stage(cfg, "teacher", tracking=False)
+    message = str(refused.value)
+    assert f"train.num_workers (1) x train.cpus_per_worker ({total:g}) + data.data_cpus (1) + 1 for" in message
+    assert f"the Ray cluster has {total:g}" in message
+
+
+def test_a_wrong_s3_secret_is_one_line_without_the_secret(s3_server, mlflow_server, sample_images, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-9f3a")
+    argv = [
+        f"storage.root=s3://{s3_server.bucket}/wrong-secret",
+        f"storage.s3.endpoint_url={s3_server.endpoint}",
+        "storage.s3.retries=1",
+        f"tracking.uri={mlflow_server}",
+        f"data.train_images={sample_images / 'train'}",
+        f"data.eval_images={sample_images / 'eval'}",
+        "train.stage=teacher",
+    ]
+    assert run(main, [a for o in argv for a in ("--set", o)], prog="lightbsr train") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lightbsr train: failed:") and "access denied" in err[0]
+    assert "wrong-secret-9f3a" not in err[0]
+
+
+def test_the_shard_stream_restarts_after_the_checkpoint_the_workers_restore(ray_local, tmp_path, sample_images):
+    """A killed worker: the stream is rebuilt after the restored epoch (the workers check it) and the run ends."""
+    import shutil
+
+    from workflows.resume import read_stream_start
+    from workflows.shards import write_shards
+
+    (tmp_path / "src").mkdir()
+    shutil.copy(sample_images / "train" / "chelsea.png", tmp_path / "src")
+    cfg = tiny_config(
+        tmp_path,
+        sample_images,
+        "data.tiles_per_shard=10",
+        "data.data_cpus=0.5",
+        "schedule.epochs=3",
+        "schedule.phase1_epochs=1",
+        "schedule.iters_per_epoch=3",
+        "train.max_failures=1",
+    )
+    write_shards(str(tmp_path / "src"), cfg.shards_url, cfg, progress=False)
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.setdefault("result", train_stage(cfg, "teacher", tracking=False)))
+    run.start()
+    pid = _train_worker_pid(ray_local)
+    killed_after = _wait_for_checkpoint(cfg, "teacher")
+    os.kill(pid, signal.SIGKILL)
+    run.join(timeout=600)
+    result = outcome["result"]
+    assert killed_after["epoch"] < 3, "the worker must die before the end for this test to mean anything"
+    assert (result.epoch, result.iteration) == (3, 9)
+    # the last stream was built after a restore (not from epoch 0), as the workers asserted
+    assert read_stream_start(cfg, stage_run_name(cfg, "teacher")) >= killed_after["epoch"] >= 1
+
+
+def test_train_with_mlflow_down_at_start_fails_at_once_with_one_line(tmp_path, sample_images, capsys):
+    from tests.fixtures.mlflow_server import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    argv = [
+        f"storage.root={tmp_path / 'store'}",
+        f"tracking.uri={down}",
+        f"data.train_images={sample_images / 'train'}",
+        f"data.eval_images={sample_images / 'eval'}",
+    ]
+    assert run(main, [a for o in argv for a in ("--set", o)], prog="lightbsr train") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tracking.uri" in err[0] and "not reachable" in err[0]
+    assert not (tmp_path / "store").exists(), "nothing was started"
