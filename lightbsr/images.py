@@ -20,18 +20,14 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from lightbsr.files import atomic_write
 
 __all__ = [
-    "BENCHMARK_SETS",
     "IMAGE_EXTENSIONS",
     "ImageError",
     "encode_png",
-    "find_benchmarks",
-    "list_images",
     "read_rgb",
     "write_image",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
 PNG_COMPRESS_LEVEL = 3  # fixed, so the same pixels give the same bytes; level 6 costs 2x the CPU for 4% less
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -181,32 +177,3 @@ def _checked_rgb(array: np.ndarray, name: str) -> np.ndarray:
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"{name}: expected a uint8 (H, W, 3) array, got {array.dtype} {tuple(array.shape)}")
     return np.ascontiguousarray(array)
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files (by extension) under `folder`, recursively, sorted by their relative path."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"image folder {folder} does not exist or is not a folder")
-    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
-
-
-def find_benchmarks(root: str | os.PathLike) -> dict[str, list[Path]]:
-    """`{set name: sorted HR .png paths}` for each of Set5, Set14, B100, Urban100, Manga109 under
-    `<root>/<set>/HR/` that is present (in that order); an error if none is."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"benchmark root {root} does not exist or is not a folder")
-    found: dict[str, list[Path]] = {}
-    for name in BENCHMARK_SETS:
-        hr = root / name / "HR"
-        if not hr.is_dir():
-            continue
-        images = sorted(hr.glob("*.png"))
-        if not images:
-            raise ValueError(f"benchmark folder {hr} holds no .png images")
-        found[name] = images
-    if not found:
-        raise ValueError(f"benchmark root {root} holds none of {', '.join(f'{s}/HR' for s in BENCHMARK_SETS)}")
-    return found

@@ -71,7 +71,9 @@ class DataConfig(_Strict):
     tiles_per_shard: int = Field(64, ge=1)
     patch_size: int = Field(64, ge=8, description="LR training patch (HR patch = patch_size * scale)")
     views: int = Field(4, ge=2, description="LR views per HR tile for the teacher (they share one degradation)")
-    data_cpus: float = Field(1.0, gt=0, description="CPUs Ray Data reserves for decode + degrade (2 tasks per CPU)")
+    data_cpus: float = Field(
+        1.0, gt=0, description="CPUs Ray Data reserves for decode + degrade (two chunk-maker actors per CPU)"
+    )
 
 
 class ScheduleConfig(_Strict):

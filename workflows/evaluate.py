@@ -28,6 +28,7 @@ import torch
 from lightbsr.checkpoint import CheckpointError, load_checkpoint
 from lightbsr.degrade import bicubic_upsample, degrade, kernel_pca_basis
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError, read_rgb
+from lightbsr.macs import count_parameters
 from lightbsr.metrics import psnr, ssim
 from lightbsr.protocols import DegradationCase, get_protocol
 from lightbsr.student import Student
@@ -619,7 +620,7 @@ def evaluate_model(
     sets = read_sets(cfg, benchmarks)
     items = collect_items(sets, list(cfg.evaluate.protocols))
     rows = score_local(items, scorer) if local else score_with_ray(items, checkpoint, cfg)
-    params = sum(p.numel() for p in scorer.student.parameters())
+    params = count_parameters(scorer.student)
     result = Evaluation(rows, build_tables(rows, list(cfg.evaluate.protocols), params))
     if idr:
         models = {"student": scorer.loaded, **({"teacher": teacher} if teacher else {})}

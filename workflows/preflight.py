@@ -185,7 +185,7 @@ def check_gpu(cfg: Config) -> None:
     """train.use_gpu needs one GPU per train worker where the workers will run."""
     if not cfg.train.use_gpu:
         return
-    needed = cfg.train.num_workers
+    needed = cfg.train.worker_counts.start
     available, where = _gpus_available(cfg)
     if available < 1:
         raise ConfigError(f"train.use_gpu is true but {where} has no GPU")

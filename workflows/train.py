@@ -33,6 +33,7 @@ import torch
 
 from lightbsr.checkpoint import CheckpointError, load_checkpoint
 from lightbsr.degrade import kernel_pca_basis
+from workflows import storage
 from workflows.config import Config, ConfigError, add_config_arguments, load_config
 from workflows.errors import RuntimeFailure
 from workflows.resume import (
@@ -79,7 +80,7 @@ def load_teacher_source(cfg: Config) -> dict[str, Any]:
     url = cfg.train.teacher_checkpoint
     if not url:
         raise ConfigError("train.teacher_checkpoint: the student stage needs a teacher checkpoint")
-    from workflows.register import RegistryError, fetch_checkpoint
+    from workflows.references import RegistryError, fetch_checkpoint
 
     with tempfile.TemporaryDirectory() as folder:
         try:
@@ -129,24 +130,13 @@ class ResumableStream:
         return training_dataset(cfg, self.stage, self.basis, start_epoch=completed)
 
 
-def _storage(cfg: Config) -> dict[str, Any]:
-    """storage_path (+ filesystem for s3://, so the configured endpoint is used) for RunConfig."""
-    from workflows import storage
-
-    if storage.is_s3(cfg.storage.root):
-        fs, path = storage.filesystem(cfg.storage.root, cfg.storage.s3)
-        return {"storage_path": path, "storage_filesystem": fs}
-    return {"storage_path": cfg.storage.root}
-
-
 def _log_final_model(cfg: Config, run_id: str, checkpoint_url: str, stage: str) -> None:
     """model.pt under `checkpoint/` (a `runs:/<id>/checkpoint` teacher source); the student also as a model."""
     from workflows import tracking
-    from workflows.register import fetch_checkpoint
+    from workflows.references import fetch_checkpoint
 
     with tempfile.TemporaryDirectory() as folder:
-        local = fetch_checkpoint(checkpoint_url, cfg, folder)
-        file = str(local if local.is_file() else local / "model.pt")
+        file = str(fetch_checkpoint(checkpoint_url, cfg, folder))
         tracking.client(cfg).log_artifact(run_id, file, artifact_path="checkpoint")
         if stage == "student":
             tracking.log_model(cfg, run_id, load_checkpoint(file, role="student").model)
@@ -197,7 +187,7 @@ def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, call
             callbacks=list(callbacks),
             worker_runtime_env={"env_vars": {**worker_env(), **tracking.artifact_env(cfg)}},  # type: ignore[call-arg]
             logging_config=LoggingConfig(log_level="WARNING"),  # no per-report TrainingReport(...) lines
-            **_storage(cfg),
+            **storage.ray_storage(cfg),
         ),
         datasets={"train": dataset},
         **trainer_kwargs,

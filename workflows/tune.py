@@ -235,9 +235,11 @@ def max_concurrent_trials(cfg: Config) -> int:
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    fit = gpus // cfg.train.num_workers
+    fit = gpus // cfg.train.worker_counts.start
     if fit < 1:
-        raise ConfigError(f"train.use_gpu: a trial needs {cfg.train.num_workers} GPU(s), the cluster has {gpus}")
+        raise ConfigError(
+            f"train.use_gpu: a trial needs {cfg.train.worker_counts.start} GPU(s), the cluster has {gpus}"
+        )
     return min(cfg.tune.max_concurrent, fit)
 
 
@@ -280,8 +282,14 @@ def run_sweep(cfg: Config) -> SweepResult:
     from workflows.preflight import check
     from workflows.runtime import init_ray
     from workflows.shards import write_shards
+    from workflows.train_loop import validation_protocol
 
     space = search_space(cfg)
+    if validation_protocol(cfg) is None:
+        raise ConfigError(
+            f"tune.protocol: no evaluation protocol exists for x{cfg.model.scale} setting {cfg.model.setting}, "
+            f"so trials cannot report {METRIC}, the sweep's objective"
+        )
     check(cfg)
     name = f"{cfg.train.run_name}-sweep"
     init_ray(cfg.ray)

@@ -9,8 +9,6 @@ from PIL import Image
 from lightbsr.images import (
     ImageError,
     encode_png,
-    find_benchmarks,
-    list_images,
     read_rgb,
     write_image,
 )
@@ -128,37 +126,3 @@ def test_write_image_rejects_non_rgb_arrays_and_unknown_formats(tmp_path):
     with pytest.raises(ValueError, match="'.gif'"):
         write_image(tmp_path / "x.gif", np.zeros((4, 4, 3), np.uint8))
     assert list(tmp_path.iterdir()) == []
-
-
-def test_find_benchmarks_uses_the_sets_present_in_order(photo, tmp_path):
-    for name, count in [("Urban100", 2), ("Set5", 3)]:
-        for i in range(count):
-            write_image(tmp_path / name / "HR" / f"img_{i:03d}.png", np.ascontiguousarray(photo[:16, :16]))
-    (tmp_path / "Set14" / "LR_bicubic").mkdir(parents=True)  # no HR folder: not a set
-    (tmp_path / "Set5" / "HR" / "notes.txt").write_text("not an image")
-    found = find_benchmarks(tmp_path)
-    assert list(found) == ["Set5", "Urban100"]
-    assert [p.name for p in found["Set5"]] == ["img_000.png", "img_001.png", "img_002.png"]
-    assert all(p.parent == tmp_path / "Urban100" / "HR" for p in found["Urban100"])
-
-
-def test_find_benchmarks_errors_name_the_folder(tmp_path):
-    with pytest.raises(ValueError, match="none of Set5/HR"):
-        find_benchmarks(tmp_path)
-    with pytest.raises(ValueError, match="does not exist"):
-        find_benchmarks(tmp_path / "missing")
-    (tmp_path / "B100" / "HR").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"B100/HR holds no \.png"):
-        find_benchmarks(tmp_path)
-
-
-def test_list_images_finds_image_files_recursively_in_sorted_order(tmp_path):
-    for name in ["b/z.PNG", "a.jpg", "b/a.webp", "c.txt", "a10.tif"]:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"")
-    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == [
-        "a.jpg",
-        "a10.tif",
-        "b/a.webp",
-        "b/z.PNG",
-    ]

@@ -211,7 +211,9 @@ def test_a_sweep_on_s3_uses_the_configured_endpoint(s3_server, mlflow_server, sa
     }
     command = [sys.executable, "-m", "workflows.tune", "--config", str(TINY)]
     command += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=840)  # inside pytest's 900 s
+    done = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=840
+    )  # inside pytest's 900 s
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-4000:])
 
     client = s3_server.client()
