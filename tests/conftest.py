@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.fixtures.mlflow_server",
     "tests.fixtures.s3_server",
     "tests.fixtures.images",
+    "tests.fixtures.cluster",
 ]
 
 import pytest
