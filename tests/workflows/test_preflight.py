@@ -1,5 +1,6 @@
 """Config errors fail within seconds, before any training, with a message that names the key."""
 
+import json
 import os
 import socket
 import subprocess
@@ -224,3 +225,175 @@ def test_gpu_run_against_an_unreachable_ray_cluster_fails_naming_the_address(tmp
     assert time.monotonic() - started < 30  # interpreter start and imports included
     assert run.returncode != 0
     assert "ray.address" in run.stderr and f"127.0.0.1:{port}" in run.stderr, run.stderr[-2000:]
+
+
+# ---- real S3 (SeaweedFS), a stopped MLflow server, a three-node cluster -------------------
+
+
+def timed_failure(call, *keys: str, secrets: tuple[str, ...] = ()) -> str:
+    """The ConfigError's message; it names every key, holds no secret, and its time is printed."""
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        call()
+    message = str(caught.value)
+    print(f"\n[preflight] {time.monotonic() - started:.2f} s: {message}")
+    for key in keys:
+        assert key in message, message
+    for secret in secrets:
+        assert secret not in message, message
+    return message
+
+
+def s3_config(tmp_path, server, *overrides: str):
+    return local_config(
+        tmp_path, f"storage.root=s3://{server.bucket}/run", f"storage.s3.endpoint_url={server.endpoint}", *overrides
+    )
+
+
+@pytest.mark.slow
+def test_wrong_s3_secret_fails_naming_the_key_and_the_credentials_without_them(tmp_path, s3_server, monkeypatch):
+    wrong = "wrong-" + s3_server.secret_key[::-1]
+    for name, value in {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": wrong}.items():
+        monkeypatch.setenv(name, value)
+    cfg = s3_config(tmp_path, s3_server)
+    message = timed_failure(
+        lambda: check(cfg),
+        "storage.root",
+        "access denied",
+        "AWS_SECRET_ACCESS_KEY",
+        secrets=(wrong, s3_server.secret_key),
+    )
+    assert s3_server.bucket in message
+
+
+@pytest.mark.slow
+def test_missing_bucket_fails_naming_the_key_and_the_bucket(tmp_path, s3_server, monkeypatch):
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    cfg = s3_config(tmp_path, s3_server, "storage.root=s3://no-such-bucket-here/run")
+    message = timed_failure(lambda: check(cfg), "storage.root", "'no-such-bucket-here'", "does not exist")
+    assert s3_server.secret_key not in message
+
+
+@pytest.mark.slow
+def test_missing_s3_image_folder_fails_naming_the_key(tmp_path, s3_server, monkeypatch):
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key="preflight/hr/a.png", Body=b"png")
+    check(s3_config(tmp_path, s3_server, f"data.train_images=s3://{s3_server.bucket}/preflight/hr"))
+    cfg = s3_config(tmp_path, s3_server, f"data.train_images=s3://{s3_server.bucket}/preflight/hr-typo")
+    timed_failure(lambda: check(cfg), "data.train_images", "does not exist")
+
+
+@pytest.mark.slow
+def test_stopped_s3_server_fails_naming_the_endpoint(tmp_path, s3_server_factory, monkeypatch):
+    server = s3_server_factory("stopped")
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    cfg = s3_config(tmp_path, server)
+    check(cfg)
+    server.stop()
+    message = timed_failure(lambda: check(cfg), "storage.root", "storage.s3.endpoint_url", "not reachable")
+    assert server.endpoint in message
+
+
+@pytest.mark.slow
+def test_stopped_mlflow_server_fails_naming_tracking_uri_without_its_password(tmp_path):
+    from tests.fixtures.mlflow_server import free_port, start_mlflow_server, stop_process, wait_http
+
+    port = free_port()
+    server = start_mlflow_server(tmp_path / "mlflow", port)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=server)
+        password = "pw-" + os.urandom(6).hex()
+        cfg = local_config(tmp_path, f"tracking.uri=http://alice:{password}@127.0.0.1:{port}")
+        check(cfg)
+    finally:
+        stop_process(server)
+    message = timed_failure(lambda: check(cfg), "tracking.uri", "not reachable", secrets=(password, "alice:"))
+    assert f"127.0.0.1:{port}" in message
+
+
+# Runs `check` on the tiny config with each case's overrides, in a fresh interpreter joined to
+# the cluster (RAY_ADDRESS), as `ray job submit` would; prints case -> [error or null, seconds].
+CHECK_CASES = """
+import json, sys, time
+from workflows.config import ConfigError, load_config
+from workflows.preflight import check
+out = {}
+for name, overrides in json.loads(sys.argv[1]).items():
+    started = time.monotonic()
+    try:
+        check(load_config("workflows/configs/tiny.yaml", overrides))
+        out[name] = [None, time.monotonic() - started]
+    except ConfigError as error:
+        out[name] = [str(error), time.monotonic() - started]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_on_a_three_node_cluster_local_storage_sqlite_and_missing_cpus_fail_before_any_work(
+    tmp_path, multinode_cluster, s3_server, mlflow_server
+):
+    images = tmp_path / "images"
+    base = [f"data.train_images={images}", f"data.eval_images={images}"]
+    images.mkdir()
+    s3 = [f"storage.root=s3://{s3_server.bucket}/cluster-run", f"storage.s3.endpoint_url={s3_server.endpoint}"]
+    shared = [*base, *s3, f"tracking.uri={mlflow_server}"]
+    cases = {
+        "local_root": [*base, f"storage.root={tmp_path / 'store'}", f"tracking.uri={mlflow_server}"],
+        "sqlite": [*base, *s3, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        "no_tracking_uri": [*base, *s3, "tracking.uri=null"],
+        "shared": shared,
+        "too_few_cpus": [*shared, "train.num_workers=2", "train.cpus_per_worker=2", "data.data_cpus=3"],
+        "worker_larger_than_a_node": [*shared, "train.cpus_per_worker=3"],
+        "gpu": [*shared, "train.use_gpu=true"],
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", CHECK_CASES, json.dumps(cases)],
+        cwd=REPO,
+        env=multinode_cluster.driver_env(PYTHONPATH=str(REPO), **s3_server.env()),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, (message, seconds) in results.items():
+        print(f"[preflight on 3 nodes] {name}: {seconds:.2f} s: {message}")
+    assert results["shared"][0] is None
+    message = results["local_root"][0]
+    assert "storage.root" in message and "3 nodes" in message and "s3://" in message
+    assert "tracking.uri" in results["sqlite"][0] and "mlflow server" in results["sqlite"][0]
+    assert "tracking.uri must be set" in results["no_tracking_uri"][0]
+    message = results["too_few_cpus"][0]
+    assert "train.num_workers (2)" in message and "data.data_cpus (3)" in message and "1 CPU(s) missing" in message
+    assert "train.cpus_per_worker (3)" in results["worker_larger_than_a_node"][0]
+    assert "train.use_gpu" in results["gpu"][0] and "Ray cluster" in results["gpu"][0]
+    for message, _ in results.values():
+        assert message is None or s3_server.secret_key not in message
+
+
+@pytest.mark.slow
+def test_pipeline_with_a_local_store_on_a_three_node_cluster_stops_before_any_step(tmp_path, multinode_cluster):
+    store = tmp_path / "store"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workflows.pipeline",
+            "--config",
+            "workflows/configs/tiny.yaml",
+            "--set",
+            f"storage.root={store}",
+        ],
+        cwd=REPO,
+        env=multinode_cluster.driver_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "storage.root" in run.stderr and "3 nodes" in run.stderr, run.stderr[-3000:]
+    assert not (store / "pipeline").exists() and not (store / "mlflow.db").exists()
