@@ -51,6 +51,7 @@ URL_KEYS = (
 MAX_PROBE_S = 10.0
 # Tracking-URI schemes that name a store on the local disk of whichever node opens it.
 LOCAL_TRACKING_SCHEMES = ("", "file", "sqlite")
+MISSING = "missing"
 
 
 def check(cfg: Config, *, skip: Collection[str] = ()) -> None:
@@ -209,32 +210,40 @@ def check_s3_access(cfg: Config, *, skip: Collection[str] = ()) -> None:
         checked.add(bucket)
         where = f"{key}={redact(url)}: bucket {bucket!r} at {redact(endpoint)} (from {source})"
         problem = _bounded(functools.partial(_s3_problem, fs, bucket), timeout, where)
-        if problem == "missing":
+        if problem == MISSING:
             raise ConfigError(f"{where} does not exist; create it or fix the bucket name")
         if problem:
-            raise ConfigError(
-                f"{where}: access denied ({problem}); check the credentials in the environment "
-                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the AWS profile or the instance role)"
-            )
+            raise ConfigError(f"{where}: {problem}")
     for key in (*INPUT_FOLDER_KEYS, "train.teacher_checkpoint"):
         url = urls.get(key)
         if url is None:
             continue
         fs, path = storage.fsspec_filesystem(url, cfg.storage.s3)
         where = f"{key}: {redact(url)}"
-        if _bounded(functools.partial(_s3_problem, fs, path), timeout, where) == "missing":
-            raise ConfigError(f"{where} does not exist")
+        problem = _bounded(functools.partial(_s3_problem, fs, path), timeout, where)
+        if problem:
+            raise ConfigError(f"{where} does not exist" if problem == MISSING else f"{where}: {problem}")
 
 
 def _s3_problem(fs: Any, path: str) -> str | None:
-    """None if `path` (a bucket, a prefix or an object) exists and may be read; "missing"; or the
-    server's reason for refusing (which names no credential)."""
+    """None if `path` (a bucket, a prefix or an object) exists and may be read; MISSING; or what
+    went wrong, in words that name no credential."""
+    import botocore.exceptions
+
+    check_credentials = (
+        "check the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+        "the AWS profile or the instance role)"
+    )
     try:
         fs.ls(path, detail=False) if "/" not in path else fs.info(path)
     except FileNotFoundError:
-        return "missing"
+        return MISSING
     except PermissionError as error:
-        return redact_text(str(error)) or "Forbidden"
+        return f"access denied ({redact_text(str(error)) or 'Forbidden'}); {check_credentials}"
+    except botocore.exceptions.NoCredentialsError:
+        return f"no S3 credentials found; {check_credentials}"
+    except (OSError, botocore.exceptions.BotoCoreError) as error:
+        return f"the request failed: {type(error).__name__}: {redact_text(str(error))}"
     return None
 
 
