@@ -13,10 +13,11 @@ pytest_plugins = [
     "tests.fixtures.mlflow_server",
     "tests.fixtures.s3_server",
     "tests.fixtures.images",
+    "tests.fixtures.cluster",
 ]
 
 TIERS = ("unit", "integration", "e2e")  # lightest to heaviest
-SERVER_FIXTURES = {"ray_local", "s3_server", "s3_server_factory", "mlflow_server"}
+SERVER_FIXTURES = {"ray_local", "s3_server", "s3_server_factory", "mlflow_server", "multinode_cluster"}
 
 
 def tier_of(item: pytest.Item) -> str | None:

@@ -1,27 +1,42 @@
 """Fast checks of a validated config against the world, run before any training starts.
 
 `load_config` already rejects unknown keys and wrong types. What it cannot see is whether the
-places the config names exist: an object store that does not answer, an MLflow server that is
-down, a data folder with a typo, GPUs asked for where there are none. Each of those would
-otherwise surface minutes into a run (or hang a placement group forever); here each one is a
-`ConfigError` within seconds that names the key to fix.
+places the config names exist: an object store that does not answer, a bucket that is missing or
+credentials it refuses, an MLflow server that is down, a data folder with a typo, a local folder
+or sqlite store on a cluster whose nodes do not share a disk, fewer CPUs or GPUs than the run
+needs. Each of those would otherwise surface minutes into a run (or hang a placement group
+forever); here each one is a `ConfigError` within seconds that names the key to fix. Every
+network call is bounded (`MAX_PROBE_S`), and no message carries a URL's credentials.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import math
 import os
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from workflows.config import Config, ConfigError
-from workflows.urls import is_remote
+from workflows.urls import is_remote, is_s3, local_path, redact, redact_text
 
-__all__ = ["check", "check_endpoints", "check_folders", "check_gpu", "check_tracking"]
+__all__ = [
+    "check",
+    "check_cluster",
+    "check_endpoints",
+    "check_folders",
+    "check_gpu",
+    "check_s3_access",
+    "check_tracking",
+]
 
+T = TypeVar("T")
 # Config keys whose values are read as inputs (they must exist before the run).
 INPUT_FOLDER_KEYS = ("data.train_images", "data.eval_images", "data.benchmarks")
 # Every key that may hold a URL the run reads or writes.
@@ -34,21 +49,26 @@ URL_KEYS = (
     "train.teacher_checkpoint",
 )
 MAX_PROBE_S = 10.0
+# Tracking-URI schemes that name a store on the local disk of whichever node opens it.
+LOCAL_TRACKING_SCHEMES = ("", "file", "sqlite")
+MISSING = "missing"
 
 
 def check(cfg: Config, *, skip: Collection[str] = ()) -> None:
-    """Raise ConfigError naming the key if a store, folder, tracking server or GPU is not there.
+    """Raise ConfigError naming the key if a store, folder, tracking server, GPU or CPU is not there.
 
-    `skip` names keys not to check, e.g. the image folders a pipeline step is about to create
-    ("tracking.uri" and "train.use_gpu" skip the tracking and GPU checks of commands that use neither).
-    With train.use_gpu the GPU check asks the Ray cluster (joining `ray.address` / RAY_ADDRESS
-    first, as the run would) or, with no cluster, torch about this machine.
+    `skip` names keys not to check, e.g. the image folders a pipeline step is about to create;
+    "tracking.uri" skips the tracking check and "ray" the cluster and GPU checks, for commands
+    that use neither. With `ray.address` / RAY_ADDRESS the cluster is joined first (the run would
+    join it next) and asked how many nodes, CPUs and GPUs it has.
     """
     check_folders(cfg, skip=skip)
     check_endpoints(cfg, skip=skip)
+    check_s3_access(cfg, skip=skip)
     if "tracking.uri" not in skip:
         check_tracking(cfg)
-    if "train.use_gpu" not in skip:
+    if "ray" not in skip:
+        check_cluster(cfg, skip=skip)
         check_gpu(cfg)
 
 
@@ -57,8 +77,19 @@ def _value(cfg: Config, key: str) -> str | None:
     return getattr(getattr(cfg, section), name)
 
 
-def _local_path(url: str) -> Path:
-    return Path(url.removeprefix("file://"))
+def _bounded(call: Callable[[], T], seconds: float, what: str) -> T:
+    """`call()` in a helper thread; a ConfigError saying `what` did not answer after `seconds`.
+
+    Client libraries bound connecting but not always name resolution or a server that accepts
+    the connection and never answers; the thread is left to finish on its own.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(call).result(timeout=seconds)
+    except concurrent.futures.TimeoutError:
+        raise ConfigError(f"{what}: no answer within {seconds:g} s") from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 # ---- local folders -------------------------------------------------------------------------
@@ -70,14 +101,14 @@ def check_folders(cfg: Config, *, skip: Collection[str] = ()) -> None:
         url = _value(cfg, key)
         if key in skip or url is None or is_remote(url):
             continue
-        if not _local_path(url).is_dir():
-            raise ConfigError(f"{key}: folder {url} does not exist")
-    checkpoint = cfg.train.teacher_checkpoint
-    if "train.teacher_checkpoint" not in skip and checkpoint and not is_remote(checkpoint):
-        if not _local_path(checkpoint).exists():
-            raise ConfigError(f"train.teacher_checkpoint: {checkpoint} does not exist")
+        if not local_path(url).is_dir():
+            raise ConfigError(f"{key}: folder {local_path(url)} does not exist")
+    checkpoint = cfg.train.teacher_checkpoint or ""
+    local_checkpoint = checkpoint and not is_remote(checkpoint)
+    if "train.teacher_checkpoint" not in skip and local_checkpoint and not local_path(checkpoint).exists():
+        raise ConfigError(f"train.teacher_checkpoint: {checkpoint} does not exist")
     if "storage.root" not in skip and not is_remote(cfg.storage.root):
-        _check_writable("storage.root", _local_path(cfg.storage.root))
+        _check_writable("storage.root", local_path(cfg.storage.root))
 
 
 def _check_writable(key: str, path: Path) -> None:
@@ -99,7 +130,7 @@ def s3_endpoint(cfg: Config) -> tuple[str, str]:
 
     endpoint = storage.s3_endpoint(cfg.storage.s3)
     if cfg.storage.s3.endpoint_url:
-        return endpoint, "storage.s3.endpoint_url"
+        return cfg.storage.s3.endpoint_url, "storage.s3.endpoint_url"
     if endpoint:
         name = "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
         return endpoint, f"the {name} environment variable (storage.s3.endpoint_url is unset)"
@@ -116,6 +147,10 @@ def _endpoint_of(url: str, cfg: Config) -> tuple[str, str] | None:
     return None
 
 
+def _probe_timeout(cfg: Config) -> float:
+    return min(cfg.storage.s3.connect_timeout_s, MAX_PROBE_S)
+
+
 def check_endpoints(cfg: Config, *, skip: Collection[str] = ()) -> None:
     """Every remote URL in the config has an endpoint that accepts a TCP connection."""
     users: dict[str, list[str]] = {}
@@ -128,21 +163,21 @@ def check_endpoints(cfg: Config, *, skip: Collection[str] = ()) -> None:
         if found is None:
             continue
         endpoint, source = found
-        users.setdefault(endpoint, []).append(f"{key}={url}")
+        users.setdefault(endpoint, []).append(f"{key}={redact(url)}")
         origin[endpoint] = source
-    timeout = min(cfg.storage.s3.connect_timeout_s, MAX_PROBE_S)
+    timeout = _probe_timeout(cfg)
     for endpoint, keys in users.items():
-        problem = probe_tcp(endpoint, timeout)
+        where = f"{', '.join(keys)}: endpoint {redact(endpoint)} (from {origin[endpoint]})"
+        problem = _bounded(functools.partial(probe_tcp, endpoint, timeout), timeout + 1, f"{where} is not reachable")
         if problem:
-            where = f"endpoint {endpoint} (from {origin[endpoint]})"
-            raise ConfigError(f"{', '.join(keys)}: {where} is not reachable: {problem}")
+            raise ConfigError(f"{where} is not reachable: {redact_text(problem)}")
 
 
 def probe_tcp(url: str, timeout: float) -> str | None:
     """None if host:port of `url` accepts a connection within `timeout` seconds, else why not."""
     parts = urlsplit(url)
     if not parts.hostname:
-        return f"{url!r} has no host name"
+        return f"{redact(url)!r} has no host name"
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as error:
@@ -158,24 +193,172 @@ def probe_tcp(url: str, timeout: float) -> str | None:
         return f"{parts.hostname}:{port}: {error.strerror or error}"
 
 
+def check_s3_access(cfg: Config, *, skip: Collection[str] = ()) -> None:
+    """One real request per bucket (its existence and our credentials), then the S3 inputs exist.
+
+    A TCP answer says nothing about the bucket or the keys; without this a missing bucket or a
+    wrong secret surfaces at the first checkpoint or shard read, minutes (or an epoch) in.
+    """
+    from workflows import storage
+
+    urls = {key: url for key in URL_KEYS if key not in skip and (url := _value(cfg, key)) and is_s3(url)}
+    endpoint, source = s3_endpoint(cfg)
+    timeout = _probe_timeout(cfg) + 1
+    checked: set[str] = set()
+    for key, url in urls.items():
+        fs, path = storage.fsspec_filesystem(url, cfg.storage.s3)
+        bucket = path.split("/")[0]
+        if bucket in checked:
+            continue
+        checked.add(bucket)
+        where = f"{key}={redact(url)}: bucket {bucket!r} at {redact(endpoint)} (from {source})"
+        problem = _bounded(functools.partial(_s3_problem, fs, bucket), timeout, where)
+        if problem == MISSING:
+            raise ConfigError(f"{where} does not exist; create it or fix the bucket name")
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
+    for key in (*INPUT_FOLDER_KEYS, "train.teacher_checkpoint"):
+        url = urls.get(key)
+        if url is None:
+            continue
+        fs, path = storage.fsspec_filesystem(url, cfg.storage.s3)
+        where = f"{key}: {redact(url)}"
+        problem = _bounded(functools.partial(_s3_problem, fs, path), timeout, where)
+        if problem:
+            raise ConfigError(f"{where} does not exist" if problem == MISSING else f"{where}: {problem}")
+
+
+def _s3_problem(fs: Any, path: str) -> str | None:
+    """None if `path` (a bucket, a prefix or an object) exists and may be read; MISSING; or what
+    went wrong, in words that name no credential."""
+    import botocore.exceptions
+
+    check_credentials = (
+        "check the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+        "the AWS profile or the instance role)"
+    )
+    try:
+        fs.ls(path, detail=False) if "/" not in path else fs.info(path)
+    except FileNotFoundError:
+        return MISSING
+    except PermissionError as error:
+        return f"access denied ({redact_text(str(error)) or 'Forbidden'}); {check_credentials}"
+    except botocore.exceptions.NoCredentialsError:
+        return f"no S3 credentials found; {check_credentials}"
+    except (OSError, botocore.exceptions.BotoCoreError) as error:
+        return f"the request failed: {type(error).__name__}: {redact_text(str(error))}"
+    return None
+
+
 # ---- MLflow --------------------------------------------------------------------------------
+
+
+def _tracking_key(cfg: Config) -> str:
+    return "tracking.uri" if cfg.tracking.uri else "tracking.uri (unset; taken from MLFLOW_TRACKING_URI)"
 
 
 def check_tracking(cfg: Config) -> None:
     """An http(s) tracking URI answers HTTP (any status: auth proxies may say 401)."""
     uri = cfg.tracking_uri  # raises ConfigError itself when no URI can be derived
-    key = "tracking.uri" if cfg.tracking.uri else "tracking.uri (unset; taken from MLFLOW_TRACKING_URI)"
     if urlsplit(uri).scheme not in ("http", "https"):
         return
-    timeout = min(cfg.storage.s3.connect_timeout_s, MAX_PROBE_S)
+    key = _tracking_key(cfg)
+    timeout = _probe_timeout(cfg)
+    where = f"{key}: MLflow tracking server {redact(uri)}"
+    health = f"{redact(uri).rstrip('/')}/health"  # any answer will do, so no credentials are sent
+    problem = _bounded(functools.partial(_http_problem, health, timeout), timeout + 1, where)
+    if problem:
+        raise ConfigError(f"{where} is not reachable: {redact_text(problem)}")
+
+
+def _http_problem(url: str, timeout: float) -> str | None:
+    """None if `url` answers HTTP at all within `timeout`, else why not."""
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            return
+        with urllib.request.urlopen(url, timeout=timeout):
+            return None
     except urllib.error.HTTPError:
-        return
+        return None
     except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise ConfigError(f"{key}: MLflow tracking server {uri} is not reachable: {reason}") from None
+        return str(getattr(error, "reason", error))
+
+
+# ---- the Ray cluster: shared storage, CPUs and GPUs ----------------------------------------
+
+
+def check_cluster(cfg: Config, *, skip: Collection[str] = ()) -> None:
+    """On a cluster of several nodes, storage and tracking must be shared; the run must fit.
+
+    Joins the cluster named by `ray.address` / RAY_ADDRESS (or uses the Ray this process already
+    runs). Without one, a local Ray will be started with `ray.num_cpus` CPUs, which must fit.
+    """
+    ray = _cluster(cfg)
+    if ray is None:
+        if cfg.ray.num_cpus is not None:
+            _check_cpus(cfg, [{"CPU": float(cfg.ray.num_cpus)}], "the local Ray (ray.num_cpus)")
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if len(nodes) > 1:
+        _check_shared_storage(cfg, len(nodes), skip)
+        _check_shared_tracking(cfg, len(nodes))
+    # An autoscaler's nodes that are not up yet are not counted (Ray offers no public way to ask
+    # for its ceiling): the message says so.
+    _check_cpus(cfg, nodes, f"the Ray cluster ({len(nodes)} alive node(s); nodes still starting are not counted)")
+
+
+def _cluster(cfg: Config) -> Any:
+    """The `ray` module joined to the run's cluster, or None when the run will start a local Ray."""
+    import ray
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized() and address:
+        _connect_ray(cfg, address)
+    return ray if ray.is_initialized() else None
+
+
+def _check_shared_storage(cfg: Config, nodes: int, skip: Collection[str]) -> None:
+    if "storage.root" in skip or is_remote(cfg.storage.root):
+        return
+    raise ConfigError(
+        f"storage.root: {cfg.storage.root} is a folder on this machine, but the Ray cluster has {nodes} nodes: "
+        "checkpoints a worker writes on its node would be missing on the others (and lost with that node). "
+        "Use an object store every node reaches, e.g. storage.root=s3://bucket/prefix "
+        "(with storage.s3.endpoint_url for MinIO, SeaweedFS or Ceph)"
+    )
+
+
+def _check_shared_tracking(cfg: Config, nodes: int) -> None:
+    uri = cfg.tracking_uri
+    if urlsplit(uri).scheme not in LOCAL_TRACKING_SCHEMES:
+        return
+    derived = not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    key = "tracking.uri (unset: a sqlite file under storage.root)" if derived else _tracking_key(cfg)
+    raise ConfigError(
+        f"{key}: {redact(uri)} is an MLflow store on one machine's disk, but the Ray cluster has {nodes} nodes: "
+        "rank 0 may run on another node and open an empty store of its own. Start an MLflow tracking server "
+        "(`mlflow server ...`) and set tracking.uri (or MLFLOW_TRACKING_URI) to its http(s):// address"
+    )
+
+
+def _check_cpus(cfg: Config, nodes: list[dict[str, float]], where: str) -> None:
+    """The train workers fit on the nodes (each on one node) and leave `data.data_cpus` for reading."""
+    workers, per_worker, data = cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.data.data_cpus
+    total = sum(node.get("CPU", 0.0) for node in nodes)
+    needed = workers * per_worker + data
+    recipe = (
+        f"train.num_workers ({workers}) x train.cpus_per_worker ({per_worker:g}) "
+        f"+ data.data_cpus ({data:g}) = {needed:g} CPUs"
+    )
+    if total < needed:
+        raise ConfigError(
+            f"{recipe}, but {where} has {total:g}: {needed - total:g} CPU(s) missing. "
+            "Lower those keys or add CPUs; without them the data stream would wait forever for a CPU"
+        )
+    fit = sum(math.floor(node.get("CPU", 0.0) / per_worker + 1e-9) for node in nodes)
+    if fit < workers:
+        raise ConfigError(
+            f"train.num_workers ({workers}) x train.cpus_per_worker ({per_worker:g}): a worker's CPUs must be on "
+            f"one node, and the nodes of {where} hold only {fit} such worker(s)"
+        )
 
 
 # ---- GPUs ----------------------------------------------------------------------------------
@@ -191,26 +374,25 @@ def check_gpu(cfg: Config) -> None:
         raise ConfigError(f"train.use_gpu is true but {where} has no GPU")
     if available < needed:
         raise ConfigError(
-            f"train.num_workers ({needed}) with train.use_gpu needs {needed} GPUs but {where} has at most {available:g}"
+            f"train.num_workers ({needed}) with train.use_gpu needs {needed} GPUs but {where} has {available:g}"
         )
 
 
 def _gpus_available(cfg: Config) -> tuple[float, str]:
-    """(the most GPUs the run can get, where): the Ray cluster's, else this machine's."""
-    import ray
+    """(the GPUs the run can get, where): the Ray cluster's alive nodes', else this machine's.
 
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized() and address:
-        _connect_ray(cfg, address)
-    if ray.is_initialized():
-        return _ray_gpus(ray), "the Ray cluster"
+    An autoscaling cluster counts the nodes that are up now: submit once its GPU nodes are up.
+    """
+    ray = _cluster(cfg)
+    if ray is not None:
+        return float(ray.cluster_resources().get("GPU", 0)), "the Ray cluster (nodes still starting are not counted)"
     import torch
 
     return (torch.cuda.device_count() if torch.cuda.is_available() else 0), "this machine"
 
 
 def _connect_ray(cfg: Config, address: str) -> None:
-    """Join the configured cluster now (the run would next); a GPU-less head says nothing."""
+    """Join the configured cluster now (the run would next), failing fast if nothing answers."""
     from workflows.runtime import init_ray
 
     key = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
@@ -218,25 +400,10 @@ def _connect_ray(cfg: Config, address: str) -> None:
         url = address if "://" in address else f"tcp://{address}"
         problem = probe_tcp(url, MAX_PROBE_S)  # ray.init itself retries for minutes
         if problem:
-            raise ConfigError(f"{key}: the Ray cluster at {address} is not reachable: {problem}")
+            raise ConfigError(f"{key}: the Ray cluster at {redact(address)} is not reachable: {problem}")
     try:
         init_ray(cfg.ray)
     except Exception as error:  # ConnectionError, RuntimeError (auth), ValueError (bad address)
-        raise ConfigError(f"{key}: cannot connect to the Ray cluster at {address}: {error}") from None
-
-
-def _ray_gpus(ray) -> float:
-    """The most GPUs the cluster can offer: its autoscaler's ceiling if it has one, else what it has.
-
-    An autoscaling cluster may have no GPU node up yet; its configured node groups say how many
-    it can launch (the figure Ray Train itself checks before placing workers).
-    """
-    try:
-        from ray._private.state import state
-
-        ceiling = state.get_max_resources_from_cluster_config()
-    except Exception:  # internal API: fall back to what is there now
-        ceiling = None
-    if ceiling:
-        return float(ceiling.get("GPU", 0))
-    return float(ray.cluster_resources().get("GPU", 0))
+        raise ConfigError(
+            f"{key}: cannot connect to the Ray cluster at {redact(address)}: {redact_text(str(error))}"
+        ) from None

@@ -41,7 +41,7 @@ NOT_USED_KEYS = (
     "data.eval_images",
     "data.benchmarks",
     "train.teacher_checkpoint",
-    "train.use_gpu",
+    "ray",  # no Ray work: no cluster or GPU checks
 )
 
 

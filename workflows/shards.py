@@ -358,7 +358,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def preflight_skips(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
     """Config keys `shards` does not use: only the source and destination (when not given as options)."""
-    skip = ["data.eval_images", "data.benchmarks", "train.teacher_checkpoint", "tracking.uri", "train.use_gpu"]
+    skip = ["data.eval_images", "data.benchmarks", "train.teacher_checkpoint", "tracking.uri", "ray"]
     if args.src:
         skip.append("data.train_images")
     if args.dst:

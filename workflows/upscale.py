@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 def preflight_skips(model: str) -> tuple[str, ...]:
     """Config keys `upscale` does not use (only the model's tracking store, for MLflow references)."""
     skip = ["data.train_images", "data.eval_images", "data.benchmarks", "data.shards", "train.teacher_checkpoint"]
-    skip += ["storage.root", "train.use_gpu"]
+    skip += ["storage.root", "ray"]
     if references.parse(model).kind not in ("model", "run"):
         skip.append("tracking.uri")
     return tuple(skip)

@@ -7,6 +7,7 @@ Ray and Python versions, the entry points and the configs they name, the environ
 
 import copy
 import importlib.util
+import json
 import re
 import shlex
 import sys
@@ -146,7 +147,7 @@ def test_every_cluster_file_parses():
     assert {LAUNCHER, RAYCLUSTER, RAYJOB, SETTINGS, RUNTIME_ENV} <= set(files)
     for path in files:
         assert isinstance(load(path), dict), path
-    assert [k for k, _ in dockerfile_instructions()][0] == "FROM"
+    assert next(k for k, _ in dockerfile_instructions()) == "FROM"
 
 
 def test_launcher_config_passes_rays_schema():
@@ -359,8 +360,8 @@ def test_every_cluster_provides_the_mlflow_uri_the_paper_configs_rely_on(monkeyp
     assert "MLFLOW_TRACKING_URI" in names_read_by_workflows()
     for name in ("paper_x4_setting1", "paper_x4_setting2"):
         cfg = load_config(CONFIGS / f"{name}.yaml")
-        with pytest.raises(ConfigError, match="tracking.uri"):
-            cfg.tracking_uri
+        with pytest.raises(ConfigError, match=r"tracking\.uri"):
+            _ = cfg.tracking_uri
     assert launcher_env()["MLFLOW_TRACKING_URI"].startswith("http")
     settings = load(SETTINGS)["data"]
     for where, container in containers():
@@ -415,6 +416,90 @@ def test_runtime_env_installs_exactly_the_pyproject_pins_except_ray():
 def test_runtime_env_leaves_local_state_out_of_the_upload():
     excludes = {e.rstrip("/") for e in load(RUNTIME_ENV)["excludes"]}
     assert {".git", ".venv", "data", "runs", "mlruns"} <= excludes
+
+
+# ---- who can reach the cluster, and with what rights -------------------------------------
+
+README = CLUSTER / "README.md"
+LOOPBACK = {"127.0.0.1", "localhost"}
+
+
+def ray_start_options(command: str) -> dict[str, str]:
+    """`--name=value` / `--name value` options of the `ray start` in a shell command line."""
+    words = shlex.split(command.replace(";", " ; "))
+    start = words.index("start", words.index("ray"))
+    options, rest = {}, words[start + 1 :]
+    for i, word in enumerate(rest):
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            options[name] = value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
+    return options
+
+
+def readme_policies() -> list[dict]:
+    """Every ```json block of cluster/README.md that is an IAM policy document."""
+    blocks = re.findall(r"```json\n(.*?)```", README.read_text(), re.DOTALL)
+    policies = [json.loads(block) for block in blocks]
+    return [p for p in policies if p.get("Version") == "2012-10-17" and "Statement" in p]
+
+
+def statements_allowing(action: str) -> list[dict]:
+    out = []
+    for policy in readme_policies():
+        for statement in policy["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            if statement["Effect"] == "Allow" and action in actions:
+                out.append(statement)
+    return out
+
+
+def test_launcher_dashboard_is_on_loopback_and_behind_token_auth():
+    config = load(LAUNCHER)
+    (command,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    options = ray_start_options(command)
+    assert "head" in options
+    assert options.get("dashboard-host", "localhost") in LOOPBACK, command  # Ray's default is localhost
+    assert launcher_env()["RAY_AUTH_MODE"] == "token"
+    # Every node gets the one token at Ray's default path for the image's user (`ray`, home /home/ray).
+    assert config["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token"
+    assert "ray get-auth-token --generate" in LAUNCHER.read_text() + README.read_text()
+
+
+def test_kuberay_dashboards_need_the_token_and_are_not_exposed_outside_the_cluster():
+    for kind, spec in kuberay_cluster_specs().items():
+        assert spec["authOptions"]["mode"] == "token", kind
+        head = spec["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP", kind
+        assert "ingress" not in {k.lower() for k in head}, kind
+
+
+def test_launcher_head_and_workers_have_their_own_instance_profiles():
+    nodes = load(LAUNCHER)["available_node_types"]
+    head = nodes[load(LAUNCHER)["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    workers = {
+        name: node["node_config"]["IamInstanceProfile"]["Name"]
+        for name, node in nodes.items()
+        if name != load(LAUNCHER)["head_node_type"]
+    }
+    assert workers and head not in workers.values()
+    assert set(workers.values()) == {"lightbsr-s3-access"}
+    text = README.read_text()
+    assert f"`{head}`" in text and "`lightbsr-s3-access`" in text
+
+
+def test_documented_head_policy_may_pass_exactly_the_workers_role():
+    (statement,) = statements_allowing("iam:PassRole")
+    workers = {
+        node["node_config"]["IamInstanceProfile"]["Name"]
+        for name, node in load(LAUNCHER)["available_node_types"].items()
+        if name != load(LAUNCHER)["head_node_type"]
+    }
+    resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+    assert [r.rpartition(":role/")[2] for r in resources] == sorted(workers)
+    assert "*" not in "".join(resources).rpartition(":role/")[2]
+    assert statement["Condition"]["StringEquals"]["iam:PassedToService"] == "ec2.amazonaws.com"
+    assert statements_allowing("ec2:RunInstances") and statements_allowing("ec2:TerminateInstances")
+    assert statements_allowing("s3:PutObject") and statements_allowing("s3:GetObject")
 
 
 # ---- run configs -------------------------------------------------------------------------

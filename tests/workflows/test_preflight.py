@@ -1,9 +1,11 @@
-"""Config errors fail before any training or cluster work, with a message that names the key."""
+"""Config errors fail within seconds, before any training, with a message that names the key."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ from workflows.config import ConfigError, load_config
 from workflows.preflight import check
 
 pytestmark = pytest.mark.unit
+
+# Each check is bounded in the code (preflight.MAX_PROBE_S per network call); tests print how long
+# they took rather than assert a wall-clock limit.
 
 
 def closed_port() -> int:
@@ -46,8 +51,10 @@ def local_config(tmp_path: Path, *overrides: str):
 
 
 def fails_fast_naming(call, *keys: str) -> str:
+    started = time.monotonic()
     with pytest.raises(ConfigError) as caught:
         call()
+    print(f"\n[preflight] {time.monotonic() - started:.2f} s: {caught.value}")
     for key in keys:
         assert key in str(caught.value), str(caught.value)
     return str(caught.value)
@@ -93,11 +100,26 @@ def test_s3_endpoint_from_the_environment_is_named_when_unreachable(tmp_path, mo
 
 
 @pytest.mark.integration
-def test_s3_store_on_a_running_server_passes(tmp_path, s3_server):
+def test_s3_store_on_a_running_server_passes(tmp_path, s3_server, monkeypatch):
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
     cfg = local_config(
         tmp_path, f"storage.root=s3://{s3_server.bucket}/run", f"storage.s3.endpoint_url={s3_server.endpoint}"
     )
     check(cfg)
+
+
+@pytest.mark.integration
+def test_s3_store_without_any_credentials_fails_saying_so(tmp_path, s3_server, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    cfg = local_config(
+        tmp_path, f"storage.root=s3://{s3_server.bucket}/run", f"storage.s3.endpoint_url={s3_server.endpoint}"
+    )
+    fails_fast_naming(lambda: check(cfg), "storage.root", "no S3 credentials found", "AWS_ACCESS_KEY_ID")
 
 
 def test_missing_data_folder_fails_naming_the_key(tmp_path):
@@ -161,9 +183,13 @@ def test_gpu_asked_for_on_a_ray_cluster_without_one_fails_naming_the_key(tmp_pat
 
 
 def test_pipeline_stops_before_any_step_on_an_unreachable_store(tmp_path, capsys):
+    from workflows.cli import run
+    from workflows.errors import EXIT_USAGE
     from workflows.pipeline import main
 
-    code = main(
+    started = time.monotonic()
+    code = run(
+        main,
         [
             "--config",
             str(REPO / "workflows/configs/tiny.yaml"),
@@ -177,9 +203,11 @@ def test_pipeline_stops_before_any_step_on_an_unreachable_store(tmp_path, capsys
             f"data.train_images={tmp_path}",
             "--set",
             f"data.eval_images={tmp_path}",
-        ]
+        ],
+        prog="lightbsr pipeline",
     )
-    assert code != 0
+    print(f"\n[preflight] pipeline stopped after {time.monotonic() - started:.2f} s")
+    assert code == EXIT_USAGE
     assert "storage.s3.endpoint_url" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -188,6 +216,7 @@ def test_gpu_run_against_an_unreachable_ray_cluster_fails_naming_the_address(tmp
     """In a fresh interpreter (no Ray up yet), as `ray job submit` or a user's shell would run it."""
     port = closed_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    started = time.monotonic()
     run = subprocess.run(
         [
             sys.executable,
@@ -214,5 +243,178 @@ def test_gpu_run_against_an_unreachable_ray_cluster_fails_naming_the_address(tmp
         text=True,
         timeout=120,
     )
+    print(f"\n[preflight] {time.monotonic() - started:.2f} s, interpreter start and imports included")
     assert run.returncode != 0
     assert "ray.address" in run.stderr and f"127.0.0.1:{port}" in run.stderr, run.stderr[-2000:]
+
+
+# ---- real S3 (SeaweedFS), a stopped MLflow server, a three-node cluster -------------------
+
+
+def timed_failure(call, *keys: str, secrets: tuple[str, ...] = ()) -> str:
+    """The ConfigError's message; it names every key, holds no secret, and its time is printed."""
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        call()
+    message = str(caught.value)
+    print(f"\n[preflight] {time.monotonic() - started:.2f} s: {message}")
+    for key in keys:
+        assert key in message, message
+    for secret in secrets:
+        assert secret not in message, message
+    return message
+
+
+def s3_config(tmp_path, server, *overrides: str):
+    return local_config(
+        tmp_path, f"storage.root=s3://{server.bucket}/run", f"storage.s3.endpoint_url={server.endpoint}", *overrides
+    )
+
+
+@pytest.mark.integration
+def test_wrong_s3_secret_fails_naming_the_key_and_the_credentials_without_them(tmp_path, s3_server, monkeypatch):
+    wrong = "wrong-" + s3_server.secret_key[::-1]
+    for name, value in {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": wrong}.items():
+        monkeypatch.setenv(name, value)
+    cfg = s3_config(tmp_path, s3_server)
+    message = timed_failure(
+        lambda: check(cfg),
+        "storage.root",
+        "access denied",
+        "AWS_SECRET_ACCESS_KEY",
+        secrets=(wrong, s3_server.secret_key),
+    )
+    assert s3_server.bucket in message
+
+
+@pytest.mark.integration
+def test_missing_bucket_fails_naming_the_key_and_the_bucket(tmp_path, s3_server, monkeypatch):
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    cfg = s3_config(tmp_path, s3_server, "storage.root=s3://no-such-bucket-here/run")
+    message = timed_failure(lambda: check(cfg), "storage.root", "'no-such-bucket-here'", "does not exist")
+    assert s3_server.secret_key not in message
+
+
+@pytest.mark.integration
+def test_missing_s3_image_folder_fails_naming_the_key(tmp_path, s3_server, monkeypatch):
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key="preflight/hr/a.png", Body=b"png")
+    check(s3_config(tmp_path, s3_server, f"data.train_images=s3://{s3_server.bucket}/preflight/hr"))
+    cfg = s3_config(tmp_path, s3_server, f"data.train_images=s3://{s3_server.bucket}/preflight/hr-typo")
+    timed_failure(lambda: check(cfg), "data.train_images", "does not exist")
+
+
+@pytest.mark.integration
+def test_stopped_s3_server_fails_naming_the_endpoint(tmp_path, s3_server_factory, monkeypatch):
+    server = s3_server_factory("stopped")
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    cfg = s3_config(tmp_path, server)
+    check(cfg)
+    server.stop()
+    message = timed_failure(lambda: check(cfg), "storage.root", "storage.s3.endpoint_url", "not reachable")
+    assert server.endpoint in message
+
+
+@pytest.mark.integration
+def test_stopped_mlflow_server_fails_naming_tracking_uri_without_its_password(tmp_path):
+    from tests.fixtures.mlflow_server import free_port, start_mlflow_server, stop_process, wait_http
+
+    port = free_port()
+    server = start_mlflow_server(tmp_path / "mlflow", port)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=server)
+        password = "pw-" + os.urandom(6).hex()
+        cfg = local_config(tmp_path, f"tracking.uri=http://alice:{password}@127.0.0.1:{port}")
+        check(cfg)
+    finally:
+        stop_process(server)
+    message = timed_failure(lambda: check(cfg), "tracking.uri", "not reachable", secrets=(password, "alice:"))
+    assert f"127.0.0.1:{port}" in message
+
+
+# Runs `check` on the tiny config with each case's overrides, in a fresh interpreter joined to
+# the cluster (RAY_ADDRESS), as `ray job submit` would; prints case -> [error or null, seconds].
+CHECK_CASES = """
+import json, sys, time
+from workflows.config import ConfigError, load_config
+from workflows.preflight import check
+out = {}
+for name, overrides in json.loads(sys.argv[1]).items():
+    started = time.monotonic()
+    try:
+        check(load_config("workflows/configs/tiny.yaml", overrides))
+        out[name] = [None, time.monotonic() - started]
+    except ConfigError as error:
+        out[name] = [str(error), time.monotonic() - started]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.integration
+def test_on_a_three_node_cluster_local_storage_sqlite_and_missing_cpus_fail_before_any_work(
+    tmp_path, multinode_cluster, s3_server, mlflow_server
+):
+    images = tmp_path / "images"
+    base = [f"data.train_images={images}", f"data.eval_images={images}"]
+    images.mkdir()
+    s3 = [f"storage.root=s3://{s3_server.bucket}/cluster-run", f"storage.s3.endpoint_url={s3_server.endpoint}"]
+    shared = [*base, *s3, f"tracking.uri={mlflow_server}"]
+    cases = {
+        "local_root": [*base, f"storage.root={tmp_path / 'store'}", f"tracking.uri={mlflow_server}"],
+        "sqlite": [*base, *s3, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        "no_tracking_uri": [*base, *s3, "tracking.uri=null"],
+        "shared": shared,
+        "too_few_cpus": [*shared, "train.num_workers=2", "train.cpus_per_worker=2", "data.data_cpus=3"],
+        "worker_larger_than_a_node": [*shared, "train.cpus_per_worker=3"],
+        "gpu": [*shared, "train.use_gpu=true"],
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", CHECK_CASES, json.dumps(cases)],
+        cwd=REPO,
+        env=multinode_cluster.driver_env(PYTHONPATH=str(REPO), **s3_server.env()),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, (message, seconds) in results.items():
+        print(f"[preflight on 3 nodes] {name}: {seconds:.2f} s: {message}")
+    assert results["shared"][0] is None
+    message = results["local_root"][0]
+    assert "storage.root" in message and "3 nodes" in message and "s3://" in message
+    assert "tracking.uri" in results["sqlite"][0] and "mlflow server" in results["sqlite"][0]
+    assert "tracking.uri must be set" in results["no_tracking_uri"][0]
+    message = results["too_few_cpus"][0]
+    assert "train.num_workers (2)" in message and "data.data_cpus (3)" in message and "1 CPU(s) missing" in message
+    assert "train.cpus_per_worker (3)" in results["worker_larger_than_a_node"][0]
+    assert "train.use_gpu" in results["gpu"][0] and "Ray cluster" in results["gpu"][0]
+    for message, _ in results.values():
+        assert message is None or s3_server.secret_key not in message
+
+
+@pytest.mark.integration
+def test_pipeline_with_a_local_store_on_a_three_node_cluster_stops_before_any_step(tmp_path, multinode_cluster):
+    store = tmp_path / "store"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workflows.pipeline",
+            "--config",
+            "workflows/configs/tiny.yaml",
+            "--set",
+            f"storage.root={store}",
+        ],
+        cwd=REPO,
+        env=multinode_cluster.driver_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "storage.root" in run.stderr and "3 nodes" in run.stderr, run.stderr[-3000:]
+    assert not (store / "pipeline").exists() and not (store / "mlflow.db").exists()
