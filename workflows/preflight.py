@@ -29,6 +29,7 @@ from workflows.urls import is_remote, is_s3, local_path, redact, redact_text
 __all__ = [
     "check",
     "check_cluster",
+    "check_cpus",
     "check_endpoints",
     "check_folders",
     "check_gpu",
@@ -294,7 +295,7 @@ def check_cluster(cfg: Config, *, skip: Collection[str] = ()) -> None:
     ray = _cluster(cfg)
     if ray is None:
         if cfg.ray.num_cpus is not None:
-            _check_cpus(cfg, [{"CPU": float(cfg.ray.num_cpus)}], "the local Ray (ray.num_cpus)")
+            check_cpus(cfg, [{"CPU": float(cfg.ray.num_cpus)}], "the local Ray (ray.num_cpus)")
         return
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     if len(nodes) > 1:
@@ -302,7 +303,7 @@ def check_cluster(cfg: Config, *, skip: Collection[str] = ()) -> None:
         _check_shared_tracking(cfg, len(nodes))
     # An autoscaler's nodes that are not up yet are not counted (Ray offers no public way to ask
     # for its ceiling): the message says so.
-    _check_cpus(cfg, nodes, f"the Ray cluster ({len(nodes)} alive node(s); nodes still starting are not counted)")
+    check_cpus(cfg, nodes, f"the Ray cluster ({len(nodes)} alive node(s); nodes still starting are not counted)")
 
 
 def _cluster(cfg: Config) -> Any:
@@ -339,19 +340,28 @@ def _check_shared_tracking(cfg: Config, nodes: int) -> None:
     )
 
 
-def _check_cpus(cfg: Config, nodes: list[dict[str, float]], where: str) -> None:
-    """The train workers fit on the nodes (each on one node) and leave `data.data_cpus` for reading."""
-    workers, per_worker, data = cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.data.data_cpus
+STREAM_READ_CPUS = 1.0  # Ray Data's read task of the training stream, beside the chunk makers
+
+
+def check_cpus(cfg: Config, nodes: list[dict[str, float]], where: str, *, with_stream: bool = True) -> None:
+    """The smallest allowed worker group fits on the nodes (each worker on one node) and leaves the
+    data stream its CPUs (`data.data_cpus` for the chunk makers plus one for Ray Data's read).
+
+    Without them Ray Train waits for its workers without end (it retries the group every minute),
+    or the stream does: the workers and chunk makers start first, and a read task that finds no
+    CPU left waits forever with zero rows.
+    """
+    workers, per_worker = cfg.train.worker_counts.start, cfg.train.cpus_per_worker
+    data = cfg.data.data_cpus + STREAM_READ_CPUS if with_stream else 0.0
     total = sum(node.get("CPU", 0.0) for node in nodes)
     needed = workers * per_worker + data
-    recipe = (
-        f"train.num_workers ({workers}) x train.cpus_per_worker ({per_worker:g}) "
-        f"+ data.data_cpus ({data:g}) = {needed:g} CPUs"
-    )
-    if total < needed:
+    recipe = f"train.num_workers ({workers}) x train.cpus_per_worker ({per_worker:g})"
+    if with_stream:
+        recipe += f" + data.data_cpus ({cfg.data.data_cpus:g}) + {STREAM_READ_CPUS:g} for Ray Data's read"
+    if total + 1e-9 < needed:
         raise ConfigError(
-            f"{recipe}, but {where} has {total:g}: {needed - total:g} CPU(s) missing. "
-            "Lower those keys or add CPUs; without them the data stream would wait forever for a CPU"
+            f"{recipe} = {needed:g} CPUs, but {where} has {total:g}: {needed - total:g} CPU(s) missing. "
+            "Lower those keys or add CPUs; without them the run would wait forever for a CPU"
         )
     fit = sum(math.floor(node.get("CPU", 0.0) / per_worker + 1e-9) for node in nodes)
     if fit < workers:

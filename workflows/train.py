@@ -195,32 +195,14 @@ def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, call
 
 
 #: CPUs of Ray Data's own tasks in the training stream (listing and repartitioning chunk ids): one at a time.
-STREAM_TASK_CPUS = 1.0
-
-
 def check_capacity(cfg: Config, with_stream: bool) -> None:
-    """The Ray cluster has the CPUs the smallest allowed worker group and the data stream need.
-
-    Otherwise Ray Train waits for them without end (it retries the worker group every minute), or
-    the stream does: the train workers and chunk makers start first, and a read task that finds
-    no CPU left waits forever with zero rows.
-    """
+    """The Ray cluster this run joined has the CPUs its workers and data stream need (see preflight.check_cpus)."""
     import ray
 
-    low = cfg.train.worker_counts.start
-    workers = low * cfg.train.cpus_per_worker
-    data = cfg.data.data_cpus + STREAM_TASK_CPUS if with_stream else 0.0
-    total = ray.cluster_resources().get("CPU", 0.0)
-    if total + 1e-9 < workers + data:
-        raise ConfigError(
-            f"train.num_workers ({low}) x train.cpus_per_worker ({cfg.train.cpus_per_worker:g})"
-            + (
-                f" + data.data_cpus ({cfg.data.data_cpus:g}) + {STREAM_TASK_CPUS:g} for Ray Data's read"
-                if with_stream
-                else ""
-            )
-            + f" = {workers + data:g} CPUs, but the Ray cluster has {total:g}; lower them or add nodes"
-        )
+    from workflows.preflight import check_cpus
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    check_cpus(cfg, nodes, "the Ray cluster", with_stream=with_stream)
 
 
 def train_stage(

@@ -15,6 +15,8 @@ import pytest
 
 from lightbsr.files import atomic_write, atomic_write_bytes
 
+pytestmark = pytest.mark.unit
+
 
 def test_a_write_replaces_the_whole_file_and_leaves_only_it(tmp_path):
     path = tmp_path / "sub" / "data.bin"

@@ -123,6 +123,6 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(photo, tmp_path):
 def test_write_image_rejects_non_rgb_arrays_and_unknown_formats(tmp_path):
     with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\).*float32"):
         write_image(tmp_path / "x.png", np.zeros((4, 4, 3), np.float32))
-    with pytest.raises(ValueError, match="'.gif'"):
+    with pytest.raises(ValueError, match=r"'\.gif'"):
         write_image(tmp_path / "x.gif", np.zeros((4, 4, 3), np.uint8))
     assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ import pytest
 
 from tests.fixtures.cluster import HEAD, WORKERS
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 # Runs one task pinned to each label given on the command line; prints label -> node id, and the
 # alive nodes as `ray.nodes()` reports them (node id -> its custom labels).

@@ -15,7 +15,7 @@ import pytest
 
 from tests.fixtures.paths import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 JOB_DEADLINE_S = 600  # plus ~1-2 min of cluster start: inside pytest's 900 s
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -119,8 +119,4 @@ def test_tiny_train_on_three_nodes_with_s3_storage_and_mlflow_over_http(
     assert len(mlflow.get_metric_history(run.info.run_id, "epoch/loss_total")) == epochs
     for param in run.data.params.values():
         assert s3_server.secret_key not in param
-    if not mlflow.get_metric_history(run.info.run_id, "epoch/val_psnr"):
-        # Everything above held; this one is the open part of issue 12 (workflows/train.py
-        # validation_set returns None for an s3:// data.eval_images).
-        pytest.xfail("issue 12: no val_psnr when data.eval_images is on S3")
     assert len(mlflow.get_metric_history(run.info.run_id, "epoch/val_psnr")) == epochs

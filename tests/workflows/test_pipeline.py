@@ -10,6 +10,8 @@ from workflows.cli import run
 from workflows.config import load_config
 from workflows.resume import ConfigChanged
 
+pytestmark = pytest.mark.unit
+
 
 def _overrides(tmp_path, sample_images, *more):
     return [

@@ -389,7 +389,7 @@ def test_on_a_three_node_cluster_local_storage_sqlite_and_missing_cpus_fail_befo
     assert "tracking.uri" in results["sqlite"][0] and "mlflow server" in results["sqlite"][0]
     assert "tracking.uri must be set" in results["no_tracking_uri"][0]
     message = results["too_few_cpus"][0]
-    assert "train.num_workers (2)" in message and "data.data_cpus (3)" in message and "1 CPU(s) missing" in message
+    assert "train.num_workers (2)" in message and "data.data_cpus (3)" in message and "2 CPU(s) missing" in message
     assert "train.cpus_per_worker (3)" in results["worker_larger_than_a_node"][0]
     assert "train.use_gpu" in results["gpu"][0] and "Ray cluster" in results["gpu"][0]
     for message, _ in results.values():

@@ -13,6 +13,8 @@ from lightbsr.student import Student
 from workflows.config import load_config
 from workflows.references import ModelReferenceError, RegistryError, fetch_checkpoint, parse, resolve
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     "ref,kind,name,alias,version",

@@ -12,6 +12,8 @@ from tests.fixtures.mlflow_server import free_port, start_mlflow_server, stop_pr
 from workflows import tracking
 from workflows.config import load_config
 
+pytestmark = pytest.mark.integration
+
 
 def _wait_until(condition) -> None:
     """Poll `condition` (pytest's own timeout bounds the wait; the test asserts no duration)."""
