@@ -61,7 +61,15 @@ def gather_from_all_workers(x: torch.Tensor) -> torch.Tensor:
 
 
 class TeacherObjective(nn.Module):
-    """Phase 1: contrastive; phase 2: L1 (0..255) + contrastive. Enqueues view 0's keys of all workers."""
+    """Phase 1: contrastive; phase 2: L1 (0..255) + contrastive. Enqueues view 0's keys of all workers.
+
+    The step is the authors' MoCo step (`moco/builder.py`): the query encoder runs once per view, so
+    BatchNorm normalises each view with the statistics of its own B items (SyncBatchNorm: of that
+    view on all workers), then once more over view 0 for the generator; the momentum update follows,
+    then the key encoder runs once per view. The generator reuses view 0's first query pass (same
+    input, same weights, same batch statistics: the same numbers and gradient); a gradient-free repeat
+    of that pass keeps the running statistics as the authors' fifth pass leaves them.
+    """
 
     def __init__(self, teacher: Teacher, loss_cfg: LossSettings) -> None:
         super().__init__()
@@ -72,21 +80,21 @@ class TeacherObjective(nn.Module):
         _check_batch(lr, hr, prior)
         _check_phase(phase)
         teacher, cfg = self.model, self.loss_cfg
-        batch, views = lr.shape[:2]
+        views = lr.shape[1]
         if views < 2:
             raise ValueError(f"the teacher needs at least 2 views per item, got V={views}")
-        flat_lr = lr.flatten(0, 1)  # (B*V, 3, h, w)
-        flat_prior = prior.repeat_interleave(views, dim=0)  # (B*V, P)
-        idr = teacher.encode(flat_lr, flat_prior)  # (B*V, 128, h/4, w/4)
-        q = teacher.head(idr).view(batch, views, -1)  # (B, V, 128)
+        idr = [teacher.encode(lr[:, v], prior) for v in range(views)]  # V x (B, 128, h/4, w/4)
+        q = torch.stack([teacher.head(x) for x in idr], dim=1)  # (B, V, 128)
+        if teacher.encoder.training:
+            with torch.no_grad():  # the authors' separate view-0 pass: only its running statistics differ
+                teacher.encode(lr[:, 0], prior)
         teacher.momentum_update()
-        k = teacher.embed_keys(flat_lr, flat_prior).float().view(batch, views, -1)  # (B, V, 128)
+        k = torch.stack([teacher.embed_keys(lr[:, v], prior) for v in range(views)], dim=1).float()  # (B, V, 128)
         contrastive = contrastive_loss(q, k, teacher.queue.clone(), cfg.contrastive_temperature)
         terms: Terms = {"contrastive": contrastive}
         total = cfg.contrastive_weight * contrastive
         if phase == 2:
-            idr0 = idr.view(batch, views, *idr.shape[1:])[:, 0]  # view 0, as the reference reconstructs
-            ca, xk = teacher.generator.convert(idr0, lr.shape[-2:])
+            ca, xk = teacher.generator.convert(idr[0], lr.shape[-2:])
             sr = teacher.generator.reconstruct(lr[:, 0], ca, xk)
             terms["l1"] = l1_255(sr, hr[:, 0])
             total = total + cfg.l1_weight * terms["l1"]
