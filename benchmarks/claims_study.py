@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lightbsr.degrade import kernel_pca_basis
+from lightbsr.images import read_rgb
 from lightbsr.samples import extract_samples
 from lightbsr.small_runs import (
     Recipe,
@@ -58,8 +59,6 @@ def held_out_patches(folder: Path, count: int, size: int, seed: int) -> torch.Te
     """`count` random (3, size, size) crops of the held-out photographs, fixed by seed."""
     photos = sorted(folder.glob("*.png"))
     rng = np.random.default_rng(seed)
-    from lightbsr.images import read_rgb
-
     images = [read_rgb(p) for p in photos]
     crops = []
     for i in range(count):
@@ -137,7 +136,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--examples", type=int, default=512, help="multi-view training items per seed")
     parser.add_argument("--patch", type=int, default=12, help="LR training patch side")
     args = parser.parse_args()
@@ -152,25 +151,29 @@ def main() -> None:
         "idr_patches": held_out_patches(SAMPLES / "eval", 24, 64, seed=0),
     }
     start = time.perf_counter()
-    runs = []
+    runs: list[dict[str, float]] = []
     for seed in args.seeds:
         runs.append(one_seed(seed, recipe, data, basis))
         print(f"seed {seed}: {json.dumps(runs[-1])} ({time.perf_counter() - start:.0f} s)", flush=True)
+        write(args, recipe, runs, time.perf_counter() - start)  # after every seed: a partial run still reports
+
+
+def write(args: argparse.Namespace, recipe: Recipe, runs: list[dict[str, float]], wall_s: float) -> None:
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seeds": args.seeds,
+        "seeds": args.seeds[: len(runs)],
         "threads": args.threads,
         "examples": args.examples,
         "patch": args.patch,
         "recipe": dataclasses.asdict(recipe),
-        "wall_s": time.perf_counter() - start,
+        "wall_s": wall_s,
         "runs": runs,
         "summary": summary(runs),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "claims_study.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "claims_study.md").write_text(markdown(result))
-    print(markdown(result))
+    print(markdown(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ spatial_weight, distillation).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol, Self
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,11 @@ def _check_batch(lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor) -> Non
         raise ValueError(f"lr {tuple(lr.shape)} and hr {tuple(hr.shape)} must be (B, V, 3, h, w) and (B, V, 3, sh, sw)")
     if prior.dim() != 2 or prior.shape[0] != lr.shape[0]:
         raise ValueError(f"prior {tuple(prior.shape)} must be (B={lr.shape[0]}, P)")
+
+
+def _size(lr: torch.Tensor) -> tuple[int, int]:
+    """(h, w) of a (B, V, 3, h, w) batch."""
+    return lr.shape[-2], lr.shape[-1]
 
 
 def _check_phase(phase: int) -> None:
@@ -94,7 +99,7 @@ class TeacherObjective(nn.Module):
         terms: Terms = {"contrastive": contrastive}
         total = cfg.contrastive_weight * contrastive
         if phase == 2:
-            ca, xk = teacher.generator.convert(idr[0], lr.shape[-2:])
+            ca, xk = teacher.generator.convert(idr[0], _size(lr))
             sr = teacher.generator.reconstruct(lr[:, 0], ca, xk)
             terms["l1"] = l1_255(sr, hr[:, 0])
             total = total + cfg.l1_weight * terms["l1"]
@@ -111,7 +116,10 @@ class TeacherObjective(nn.Module):
 class StudentObjective(nn.Module):
     """Phase 1: L_ch + L_sp; phase 2: L1 + L_ch + L_sp, aligned on a frozen teacher fed the true prior.
 
-    The teacher stays in eval mode and without gradients whatever `train()` is called with.
+    The frozen teacher is held beside the module tree, not in it: its parameters, buffers and
+    state_dict are not the objective's, so a data-parallel wrapper neither synchronises nor
+    broadcasts it and checkpoints of the objective leave it out. `to()` moves it with the objective;
+    it stays in eval mode and without gradients whatever `train()` is called with.
     """
 
     def __init__(self, student: Student, teacher: Teacher | None, loss_cfg: LossSettings) -> None:
@@ -120,13 +128,19 @@ class StudentObjective(nn.Module):
             raise ValueError("distillation needs a teacher (loss.distillation is on but no teacher was given)")
         self.model = student
         self.loss_cfg = loss_cfg
-        self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
+        # a tuple is not registered by nn.Module: the teacher stays outside parameters()/state_dict()
+        self._frozen: tuple[Teacher, ...] = (teacher.requires_grad_(False).eval(),) if teacher is not None else ()
 
-    def train(self, mode: bool = True) -> StudentObjective:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
+    @property
+    def teacher(self) -> Teacher | None:
+        """The frozen teacher (not a submodule), or None without distillation."""
+        return self._frozen[0] if self._frozen else None
+
+    def to(self, *args: Any, **kwargs: Any) -> Self:
+        """As `nn.Module.to`, moving the frozen teacher too."""
+        for teacher in self._frozen:
+            teacher.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor, phase: int) -> Terms:
         _check_batch(lr, hr, prior)
@@ -134,13 +148,14 @@ class StudentObjective(nn.Module):
         student, cfg = self.model, self.loss_cfg
         if phase == 1 and not cfg.distillation:
             raise ValueError("phase 1 without distillation trains nothing: set schedule.phase1_epochs=0")
-        lr0, size = lr[:, 0], lr.shape[-2:]  # (B, 3, h, w)
+        lr0, size = lr[:, 0], _size(lr)  # (B, 3, h, w)
         ca, xk = student.generator.convert(student.encode(lr0), size)  # (B, 48), (B, 8, h, w)
         terms: Terms = {}
         total = torch.zeros((), device=lr.device)
         if cfg.distillation:
+            (teacher,) = self._frozen
             with torch.no_grad():
-                ca_t, xk_t = self.teacher.generator.convert(self.teacher.encode(lr0, prior), size)
+                ca_t, xk_t = teacher.generator.convert(teacher.encode(lr0, prior), size)
             terms["channel"] = channel_distillation_loss(
                 ca, ca_t, cfg.kd_temperature, cfg.channel_l1_weight, cfg.channel_kl_weight
             )

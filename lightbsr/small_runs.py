@@ -95,7 +95,7 @@ def blind_blur_eval_set(folder: Path, scale: int, hr_side: int, seed: int = 123)
     return lr, hr
 
 
-@dataclass(frozen=True)
+@dataclass
 class LossWeights:
     """The paper's loss settings (the fields of `workflows.config.LossConfig`)."""
 
@@ -124,10 +124,10 @@ class Recipe:
     lr: float = 2e-3
     queue_size: int = 256
     momentum: float = 0.99
-    teacher_phase1: int = 100
-    teacher_phase2: int = 200
-    student_phase1: int = 50
-    student_phase2: int = 200
+    teacher_phase1: int = 60
+    teacher_phase2: int = 120
+    student_phase1: int = 30
+    student_phase2: int = 150
 
 
 def _adam(objective: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
