@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -136,7 +137,8 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="per seed")
+    parser.add_argument("--processes", type=int, default=3, help="seeds trained at the same time")
     parser.add_argument("--examples", type=int, default=512, help="multi-view training items per seed")
     parser.add_argument("--patch", type=int, default=12, help="LR training patch side")
     args = parser.parse_args()
@@ -151,11 +153,20 @@ def main() -> None:
         "idr_patches": held_out_patches(SAMPLES / "eval", 24, 64, seed=0),
     }
     start = time.perf_counter()
+    jobs = [(seed, recipe, data, basis, args.threads) for seed in args.seeds]
     runs: list[dict[str, float]] = []
-    for seed in args.seeds:
-        runs.append(one_seed(seed, recipe, data, basis))
-        print(f"seed {seed}: {json.dumps(runs[-1])} ({time.perf_counter() - start:.0f} s)", flush=True)
-        write(args, recipe, runs, time.perf_counter() - start)  # after every seed: a partial run still reports
+    # one process per seed: the seeds are independent, and a shared machine gives each process its share
+    with multiprocessing.get_context("spawn").Pool(min(args.processes, len(jobs))) as pool:
+        for seed, run in zip(args.seeds, pool.imap(seed_in_process, jobs), strict=True):
+            runs.append(run)
+            print(f"seed {seed}: {json.dumps(run)} ({time.perf_counter() - start:.0f} s)", flush=True)
+            write(args, recipe, runs, time.perf_counter() - start)  # after every seed: a partial run still reports
+
+
+def seed_in_process(job: tuple) -> dict[str, float]:
+    seed, recipe, data, basis, threads = job
+    torch.set_num_threads(threads)
+    return one_seed(seed, recipe, data, basis)
 
 
 def write(args: argparse.Namespace, recipe: Recipe, runs: list[dict[str, float]], wall_s: float) -> None:

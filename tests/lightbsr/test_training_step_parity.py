@@ -128,4 +128,3 @@ def test_student_step_matches_the_authors_trainer(vectors, phase):
     terms, grads, lr_step, post, excluded, n_trainable = one_step(objective, student, vectors, "student", phase)
     losses = ["total", "channel", "spatial"] + (["l1"] if phase == "phase2" else [])
     check_step(vectors["student"][phase], terms, grads, lr_step, post, excluded, n_trainable, losses)
-
