@@ -173,7 +173,7 @@ def test_student_objective_holds_the_teacher_outside_its_module_tree(teacher_bat
     objective.to(torch.float64)  # `to` still moves it with the student
     assert all(p.dtype == torch.float64 for p in [*objective.model.parameters(), *teacher.parameters()])
     lr, hr, prior = (x.double() for x in teacher_batch)
-    assert objective(lr[:, :1], hr[:, :1], prior, phase=1)["total"].dtype == torch.float64
+    assert torch.isfinite(objective(lr[:, :1], hr[:, :1], prior, phase=1)["total"])  # float32 weights would raise
 
 
 # the aligned student's margin over bicubic in the claims study (benchmarks/results/claims_study.md,
