@@ -57,7 +57,7 @@ def make(kind: str, args: argparse.Namespace) -> tuple[TeacherObjective, torch.o
     torch.manual_seed(0)
     teacher = Teacher(4, 1, args.n_groups, args.n_blocks)
     cls = JointPassObjective if kind == "joint" else TeacherObjective
-    objective = cls(teacher, LOSSES).train()  # type: ignore[arg-type]
+    objective = cls(teacher, LOSSES).train()
     trainable = [p for p in objective.parameters() if p.requires_grad]
     return objective, torch.optim.Adam(trainable, lr=1e-4, betas=(0.9, 0.99))
 

@@ -39,6 +39,7 @@ def settings(constants):
 
 def authors_teacher(vectors) -> Teacher:
     teacher = load_reference_checkpoint(vectors["teacher"]["state_dict"], role="teacher", scale=4, setting=1)
+    assert isinstance(teacher, Teacher)
     teacher.momentum = vectors["constants"]["moco_momentum"]
     return teacher
 
@@ -48,7 +49,7 @@ def authors_student(vectors, teacher: Teacher) -> Student:
     student = Student(scale=4)
     student.load_from_teacher(teacher)
     first_conv = vectors["student"]["first_conv"]
-    student.encoder.stages[0].conv.load_state_dict(
+    student.encoder.stages[0].get_submodule("conv").load_state_dict(
         {"weight": first_conv["E.E.0.weight"], "bias": first_conv["E.E.0.bias"]}
     )
     return student
