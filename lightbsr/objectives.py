@@ -12,7 +12,7 @@ spatial_weight, distillation).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol, Self
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,11 @@ def _check_batch(lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor) -> Non
         raise ValueError(f"prior {tuple(prior.shape)} must be (B={lr.shape[0]}, P)")
 
 
+def _size(lr: torch.Tensor) -> tuple[int, int]:
+    """(h, w) of a (B, V, 3, h, w) batch."""
+    return lr.shape[-2], lr.shape[-1]
+
+
 def _check_phase(phase: int) -> None:
     if phase not in (1, 2):
         raise ValueError(f"phase must be 1 or 2, got {phase!r}")
@@ -61,7 +66,15 @@ def gather_from_all_workers(x: torch.Tensor) -> torch.Tensor:
 
 
 class TeacherObjective(nn.Module):
-    """Phase 1: contrastive; phase 2: L1 (0..255) + contrastive. Enqueues view 0's keys of all workers."""
+    """Phase 1: contrastive; phase 2: L1 (0..255) + contrastive. Enqueues view 0's keys of all workers.
+
+    The step is the authors' MoCo step (`moco/builder.py`): the query encoder runs once per view, so
+    BatchNorm normalises each view with the statistics of its own B items (SyncBatchNorm: of that
+    view on all workers), then once more over view 0 for the generator; the momentum update follows,
+    then the key encoder runs once per view. The generator reuses view 0's first query pass (same
+    input, same weights, same batch statistics: the same numbers and gradient); a gradient-free repeat
+    of that pass keeps the running statistics as the authors' fifth pass leaves them.
+    """
 
     def __init__(self, teacher: Teacher, loss_cfg: LossSettings) -> None:
         super().__init__()
@@ -72,21 +85,21 @@ class TeacherObjective(nn.Module):
         _check_batch(lr, hr, prior)
         _check_phase(phase)
         teacher, cfg = self.model, self.loss_cfg
-        batch, views = lr.shape[:2]
+        views = lr.shape[1]
         if views < 2:
             raise ValueError(f"the teacher needs at least 2 views per item, got V={views}")
-        flat_lr = lr.flatten(0, 1)  # (B*V, 3, h, w)
-        flat_prior = prior.repeat_interleave(views, dim=0)  # (B*V, P)
-        idr = teacher.encode(flat_lr, flat_prior)  # (B*V, 128, h/4, w/4)
-        q = teacher.head(idr).view(batch, views, -1)  # (B, V, 128)
+        idr = [teacher.encode(lr[:, v], prior) for v in range(views)]  # V x (B, 128, h/4, w/4)
+        q = torch.stack([teacher.head(x) for x in idr], dim=1)  # (B, V, 128)
+        if teacher.encoder.training:
+            with torch.no_grad():  # the authors' separate view-0 pass: only its running statistics differ
+                teacher.encode(lr[:, 0], prior)
         teacher.momentum_update()
-        k = teacher.embed_keys(flat_lr, flat_prior).float().view(batch, views, -1)  # (B, V, 128)
+        k = torch.stack([teacher.embed_keys(lr[:, v], prior) for v in range(views)], dim=1).float()  # (B, V, 128)
         contrastive = contrastive_loss(q, k, teacher.queue.clone(), cfg.contrastive_temperature)
         terms: Terms = {"contrastive": contrastive}
         total = cfg.contrastive_weight * contrastive
         if phase == 2:
-            idr0 = idr.view(batch, views, *idr.shape[1:])[:, 0]  # view 0, as the reference reconstructs
-            ca, xk = teacher.generator.convert(idr0, lr.shape[-2:])
+            ca, xk = teacher.generator.convert(idr[0], _size(lr))
             sr = teacher.generator.reconstruct(lr[:, 0], ca, xk)
             terms["l1"] = l1_255(sr, hr[:, 0])
             total = total + cfg.l1_weight * terms["l1"]
@@ -103,7 +116,10 @@ class TeacherObjective(nn.Module):
 class StudentObjective(nn.Module):
     """Phase 1: L_ch + L_sp; phase 2: L1 + L_ch + L_sp, aligned on a frozen teacher fed the true prior.
 
-    The teacher stays in eval mode and without gradients whatever `train()` is called with.
+    The frozen teacher is held beside the module tree, not in it: its parameters, buffers and
+    state_dict are not the objective's, so a data-parallel wrapper neither synchronises nor
+    broadcasts it and checkpoints of the objective leave it out. `to()` moves it with the objective;
+    it stays in eval mode and without gradients whatever `train()` is called with.
     """
 
     def __init__(self, student: Student, teacher: Teacher | None, loss_cfg: LossSettings) -> None:
@@ -112,13 +128,19 @@ class StudentObjective(nn.Module):
             raise ValueError("distillation needs a teacher (loss.distillation is on but no teacher was given)")
         self.model = student
         self.loss_cfg = loss_cfg
-        self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
+        # a tuple is not registered by nn.Module: the teacher stays outside parameters()/state_dict()
+        self._frozen: tuple[Teacher, ...] = (teacher.requires_grad_(False).eval(),) if teacher is not None else ()
 
-    def train(self, mode: bool = True) -> StudentObjective:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
+    @property
+    def teacher(self) -> Teacher | None:
+        """The frozen teacher (not a submodule), or None without distillation."""
+        return self._frozen[0] if self._frozen else None
+
+    def to(self, *args: Any, **kwargs: Any) -> Self:
+        """As `nn.Module.to`, moving the frozen teacher too."""
+        for teacher in self._frozen:
+            teacher.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor, phase: int) -> Terms:
         _check_batch(lr, hr, prior)
@@ -126,13 +148,14 @@ class StudentObjective(nn.Module):
         student, cfg = self.model, self.loss_cfg
         if phase == 1 and not cfg.distillation:
             raise ValueError("phase 1 without distillation trains nothing: set schedule.phase1_epochs=0")
-        lr0, size = lr[:, 0], lr.shape[-2:]  # (B, 3, h, w)
+        lr0, size = lr[:, 0], _size(lr)  # (B, 3, h, w)
         ca, xk = student.generator.convert(student.encode(lr0), size)  # (B, 48), (B, 8, h, w)
         terms: Terms = {}
         total = torch.zeros((), device=lr.device)
         if cfg.distillation:
+            (teacher,) = self._frozen
             with torch.no_grad():
-                ca_t, xk_t = self.teacher.generator.convert(self.teacher.encode(lr0, prior), size)
+                ca_t, xk_t = teacher.generator.convert(teacher.encode(lr0, prior), size)
             terms["channel"] = channel_distillation_loss(
                 ca, ca_t, cfg.kd_temperature, cfg.channel_l1_weight, cfg.channel_kl_weight
             )
