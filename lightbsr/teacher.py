@@ -60,7 +60,8 @@ class Teacher(nn.Module):
         """Validated cat[LR, prior map]: (B, 3 + P, H, W)."""
         check_image_batch(lr, "lr")
         check_prior_batch(prior, lr.shape[0], self.prior_channels)
-        return torch.cat([lr, self.prior_map(prior.to(lr.dtype), lr.shape[-2:])], dim=1)
+        height, width = lr.shape[-2:]
+        return torch.cat([lr, self.prior_map(prior.to(lr.dtype), (height, width))], dim=1)
 
     def encode(self, lr: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """Query encoder -> spatial IDR (B, 128, ceil(H/4), ceil(W/4))."""

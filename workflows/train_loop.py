@@ -94,25 +94,10 @@ def _use_sync_batchnorm(model: nn.Module) -> None:
             setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
 
 
-def _ignore_frozen_teacher(objective: nn.Module) -> None:
-    """Keep DDP off the student's frozen teacher while it is still a submodule of the objective.
-
-    Private PyTorch API; goes away (this function and its one call) once the objective no longer
-    registers the teacher (lightbsr.objectives).
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    teacher = getattr(objective, "teacher", None)
-    if isinstance(teacher, nn.Module):
-        frozen = [f"teacher.{n}" for n, _ in [*teacher.named_parameters(), *teacher.named_buffers()]]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, frozen)
-
-
 def _distributed(objective: nn.Module, phase: int, device: torch.device) -> nn.Module:
     """DDP around the objective; phase 1 leaves the reconstruction path unused."""
     from torch.nn.parallel import DistributedDataParallel
 
-    _ignore_frozen_teacher(objective)
     return DistributedDataParallel(
         objective,
         device_ids=[device.index] if device.type == "cuda" else None,

@@ -18,6 +18,8 @@ from lightbsr.student import Student
 from lightbsr.teacher import Teacher
 from tests.fixtures.paths import SHARED
 
+pytestmark = pytest.mark.unit
+
 TRAINING_STEP = SHARED / "vectors" / "training-step.pt"
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
