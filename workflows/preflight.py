@@ -413,7 +413,7 @@ def _connect_ray(cfg: Config, address: str) -> None:
             raise ConfigError(f"{key}: the Ray cluster at {redact(address)} is not reachable: {problem}")
     try:
         init_ray(cfg.ray)
-    except Exception as error:  # ConnectionError, RuntimeError (auth), ValueError (bad address)
+    except (ConnectionError, RuntimeError, ValueError) as error:  # unreachable, refused (auth), bad address
         raise ConfigError(
             f"{key}: cannot connect to the Ray cluster at {redact(address)}: {redact_text(str(error))}"
         ) from None
