@@ -29,6 +29,7 @@ class ReferenceCheckpointError(ValueError):
 
 def generator_rules(n_groups: int, n_blocks: int) -> list[tuple[str, str]]:
     """(our key regex, their key template) for one generator, keys relative to G."""
+    # fmt: off
     return [
         (r"(sub_mean|add_mean)\.(\w+)", r"\1.\2"),
         (r"head\.(\w+)", r"head.0.\1"),
@@ -36,22 +37,10 @@ def generator_rules(n_groups: int, n_blocks: int) -> list[tuple[str, str]]:
         (r"converter\.spatial_code\.(\w+)", r"afterpixshuffle.0.\1"),
         (r"groups\.(\d+)\.refine\.channel\.(\d+)\.(\w+)", r"body.\1.ca_change.avgafter.\2.\3"),
         (r"groups\.(\d+)\.refine\.spatial\.(\d+)\.(\w+)", r"body.\1.xk_change.sig1.\2.\3"),
-        (
-            r"groups\.(\d+)\.blocks\.(\d+)\.spatial\.reduce\.(\w+)",
-            r"body.\1.body.\2.spatial_mixing.spatial_attention.0.\3",
-        ),
-        (
-            r"groups\.(\d+)\.blocks\.(\d+)\.spatial\.attend\.(\w+)",
-            r"body.\1.body.\2.spatial_mixing.spatial_attention.2.\3",
-        ),
-        (
-            r"groups\.(\d+)\.blocks\.(\d+)\.spatial\.partial_conv\.(\w+)",
-            r"body.\1.body.\2.spatial_mixing.partial_conv3.\3",
-        ),
-        (
-            r"groups\.(\d+)\.blocks\.(\d+)\.channel\.mlp\.(\d+)\.(\w+)",
-            r"body.\1.body.\2.spatial_mixing.loc.avgafter.\3.\4",
-        ),
+        (r"groups\.(\d+)\.blocks\.(\d+)\.spatial\.reduce\.(\w+)", r"body.\1.body.\2.spatial_mixing.spatial_attention.0.\3"),
+        (r"groups\.(\d+)\.blocks\.(\d+)\.spatial\.attend\.(\w+)", r"body.\1.body.\2.spatial_mixing.spatial_attention.2.\3"),
+        (r"groups\.(\d+)\.blocks\.(\d+)\.spatial\.partial_conv\.(\w+)", r"body.\1.body.\2.spatial_mixing.partial_conv3.\3"),
+        (r"groups\.(\d+)\.blocks\.(\d+)\.channel\.mlp\.(\d+)\.(\w+)", r"body.\1.body.\2.spatial_mixing.loc.avgafter.\3.\4"),
         (r"groups\.(\d+)\.blocks\.(\d+)\.ffn\.(\w+)", r"body.\1.body.\2.\3"),
         (r"groups\.(\d+)\.blocks\.(\d+)\.ffn\.(\w+)\.(\w+)", r"body.\1.body.\2.\3.\4"),
         (r"groups\.(\d+)\.convnext\.ffn\.(\w+)", rf"body.\1.body.{n_blocks}.\2"),
@@ -61,6 +50,7 @@ def generator_rules(n_groups: int, n_blocks: int) -> list[tuple[str, str]]:
         (r"upsample\.(\d+)\.(\w+)", r"tail.0.\1.\2"),
         (r"to_rgb\.(\w+)", r"tail.1.\1"),
     ]
+    # fmt: on
 
 
 def encoder_rules() -> list[tuple[str, str]]:

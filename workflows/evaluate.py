@@ -71,34 +71,22 @@ IDR_SIGMAS = (0.6, 1.4, 2.2, 3.0, 3.8)  # the degradation grid of the discrimina
 
 # Spec section 5: published x4 Y-PSNR (dB); iso_x4 per case, gaussian8 as the mean over its cases.
 _ISO_CASES = ("sigma1.2", "sigma2.4", "sigma3.6")
+# fmt: off
 PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
     "iso_x4": {
-        "Bicubic [published]": {
-            "params": "-",
-            "psnr": {
-                "Set5": (27.30, 25.12, 23.40),
-                "Set14": (25.24, 23.83, 22.57),
-                "B100": (25.42, 24.20, 23.15),
-                "Urban100": (22.68, 21.62, 20.65),
-            },
-        },
-        "DASR (CVPR 21) [published]": {
-            "params": "5.8M",
-            "psnr": {
-                "Set5": (31.92, 31.75, 30.59),
-                "Set14": (28.45, 28.28, 27.45),
-                "B100": (27.52, 27.43, 26.83),
-                "Urban100": (25.69, 25.44, 24.66),
-            },
-        },
+        "Bicubic [published]": {"params": "-", "psnr": {
+            "Set5": (27.30, 25.12, 23.40), "Set14": (25.24, 23.83, 22.57),
+            "B100": (25.42, 24.20, 23.15), "Urban100": (22.68, 21.62, 20.65)}},
+        "DASR (CVPR 21) [published]": {"params": "5.8M", "psnr": {
+            "Set5": (31.92, 31.75, 30.59), "Set14": (28.45, 28.28, 27.45),
+            "B100": (27.52, 27.43, 26.83), "Urban100": (25.69, 25.44, 24.66)}},
     },
     "gaussian8": {
         "KDSRs-M (ICLR 23) [published]": {
-            "params": "5.80M",
-            "mean_psnr": {"Set5": 32.02, "Set14": 28.46, "B100": 27.52, "Urban100": 25.96},
-        },
+            "params": "5.80M", "mean_psnr": {"Set5": 32.02, "Set14": 28.46, "B100": 27.52, "Urban100": 25.96}},
     },
 }
+# fmt: on
 
 
 # ----------------------------------------------------------------------------- bicubic baseline

@@ -9,13 +9,14 @@ from lightbsr.samples import SampleError, extract_samples
 from workflows.cli import run
 from workflows.errors import RuntimeFailure
 
+DESCRIPTION = (
+    "Extract real sample photographs from PyPI wheels into DIR/train and DIR/eval "
+    "(nothing is installed), with DIR/ATTRIBUTION naming each file's source and licence."
+)
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="lightbsr samples",
-        description="Extract real sample photographs from PyPI wheels into DIR/train and DIR/eval "
-        "(nothing is installed), with DIR/ATTRIBUTION naming each file's source and licence.",
-    )
+    parser = argparse.ArgumentParser(prog="lightbsr samples", description=DESCRIPTION)
     parser.add_argument("dir", help="destination folder, e.g. data/samples")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     return parser.parse_args(argv)
