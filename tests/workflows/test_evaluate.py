@@ -173,7 +173,6 @@ def test_idr_discriminability_and_tables_are_logged_to_mlflow(logged_local_run, 
 
     _, result, folder = logged_local_run
     teacher, student = result.idr["teacher"], result.idr["student"]
-    assert teacher["probe_accuracy"] > teacher["chance"]  # its input carries the degradation prior
     assert student["chance"] == teacher["chance"]  # both probes score the same degradation labels
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result.run_id)
