@@ -117,7 +117,9 @@ def main() -> None:
     parser.add_argument("--n-groups", type=int, default=8)
     parser.add_argument("--n-blocks", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=9, help="rounds of one step per kind, order rotating")
+    parser.add_argument(
+        "--rounds", type=int, nargs=2, default=[45, 9], help="phase 1, phase 2: rounds of one step per kind"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -140,7 +142,7 @@ def main() -> None:
         times: dict[str, list[float]] = {kind: [] for kind in runs}
         ratios: dict[str, list[float]] = {kind: [] for kind in runs if kind != "joint"}
         kinds = list(KINDS)
-        for i in range(args.rounds):
+        for i in range(args.rounds[phase - 1]):
             order = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]
             seconds = {kind: step(*runs[kind], batch, phase) for kind in order}
             for kind in runs:
@@ -163,8 +165,8 @@ def main() -> None:
     (RESULTS / "teacher_step.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         f"Teacher step (forward + backward + Adam), B={args.batch}, V={args.views}, LR {args.patch}x{args.patch}, "
-        f"n_groups={args.n_groups}, n_blocks={args.n_blocks}, {args.threads} threads, {args.rounds} rounds "
-        f"(one step of each kind per round, order rotating), torch {torch.__version__}, {result['when']}.",
+        f"n_groups={args.n_groups}, n_blocks={args.n_blocks}, {args.threads} threads, {args.rounds[0]} / {args.rounds[1]} rounds "
+        f"in phase 1 / 2 (one step of each kind per round, order rotating), torch {torch.__version__}, {result['when']}.",
         "Ratios: time / joint time within a round; median, min and max over the rounds.",
         "",
         "| phase | joint pass (s, median) | joint NCHW (s) | per-view calls (s) | batched per-view BN (s) "
