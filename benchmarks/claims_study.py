@@ -11,7 +11,8 @@
 
     nice -n 10 env OMP_WAIT_POLICY=PASSIVE python benchmarks/claims_study.py
 
-writes benchmarks/results/claims_study.json and .md.
+(the defaults: the small `Recipe`; `--lr 5e-4 --patch 16 --steps 60 240 60 240` is closer to the
+quickstart pipeline) writes benchmarks/results/claims_study.json and .md.
 """
 
 from __future__ import annotations
@@ -141,9 +142,19 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=3, help="seeds trained at the same time")
     parser.add_argument("--examples", type=int, default=512, help="multi-view training items per seed")
     parser.add_argument("--patch", type=int, default=12, help="LR training patch side")
+    parser.add_argument("--lr", type=float, default=Recipe.lr, help="Adam learning rate (constant)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs=4,
+        metavar=("T1", "T2", "S1", "S2"),
+        default=[Recipe.teacher_phase1, Recipe.teacher_phase2, Recipe.student_phase1, Recipe.student_phase2],
+        help="teacher phase 1, teacher phase 2, student phase 1, student phase 2 steps",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = Recipe()
+    t1, t2, s1, s2 = args.steps
+    recipe = Recipe(lr=args.lr, teacher_phase1=t1, teacher_phase2=t2, student_phase1=s1, student_phase2=s2)
     extract_samples(SAMPLES)
     basis = kernel_pca_basis(0)
     data = {

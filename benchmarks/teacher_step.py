@@ -2,9 +2,12 @@
 
 "joint" is the objective as it was before issue 13, rebuilt here as the baseline: the query and key
 encoders run once over all B*V crops (BatchNorm statistics pooled over the views), encoder input in
-channels_last. "per-view" is `lightbsr.objectives.TeacherObjective`: each encoder once per view,
-plus the gradient-free view-0 repeat that keeps the authors' running statistics. Both run in the
-same process, alternating, forward + backward + Adam step, on the same batch.
+channels_last ("joint_nchw": the same in NCHW, the layout the authors' step needs, see
+`lightbsr.encoder`). "per_view_calls" is the first equal-to-the-authors version, rebuilt here: each encoder
+called once per view, plus a gradient-free view-0 repeat for the running statistics. "batched" is
+`lightbsr.objectives.TeacherObjective`: each encoder once over all B*V crops with BatchNorm
+statistics per view. All three run in the same process, in rotating order, forward + backward +
+Adam step, on the same batch.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/teacher_step.py
 
@@ -31,14 +34,35 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LOSSES = SimpleNamespace(contrastive_temperature=0.07, contrastive_weight=1.0, l1_weight=1.0)
 
 
+class PerViewCallsObjective(TeacherObjective):
+    """The first issue-13 step: the query and key encoders called once per view, a view-0 repeat."""
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor, phase: int) -> dict[str, torch.Tensor]:
+        teacher, views = self.model, lr.shape[1]
+        idr = [teacher.encode(lr[:, v], prior) for v in range(views)]
+        q = torch.stack([teacher.head(x) for x in idr], dim=1)
+        with torch.no_grad():
+            teacher.encode(lr[:, 0], prior)
+        teacher.momentum_update()
+        k = torch.stack([teacher.embed_keys(lr[:, v], prior) for v in range(views)], dim=1)
+        total = contrastive_loss(q, k, teacher.queue.clone(), LOSSES.contrastive_temperature)
+        if phase == 2:
+            ca, xk = teacher.generator.convert(idr[0], (lr.shape[-2], lr.shape[-1]))
+            total = total + l1_255(teacher.generator.reconstruct(lr[:, 0], ca, xk), hr[:, 0])
+        teacher.enqueue(k[:, 0].contiguous())
+        return {"total": total}
+
+
 class JointPassObjective(TeacherObjective):
     """The pre-issue-13 step: one query and one key pass over all B*V crops."""
+
+    memory_format = torch.channels_last
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor, prior: torch.Tensor, phase: int) -> dict[str, torch.Tensor]:
         teacher = self.model
         batch, views = lr.shape[:2]
         flat = teacher.encoder_input(lr.flatten(0, 1), prior.repeat_interleave(views, dim=0))
-        flat = flat.contiguous(memory_format=torch.channels_last)
+        flat = flat.contiguous(memory_format=self.memory_format)
         idr = teacher.encoder.stages(flat)
         q = teacher.head(idr).view(batch, views, -1)
         teacher.momentum_update()
@@ -53,10 +77,24 @@ class JointPassObjective(TeacherObjective):
         return {"total": total}
 
 
+class JointPassNCHWObjective(JointPassObjective):
+    """The joint pass in the layout the authors' step needs (NCHW): separates the layout's cost from the views'."""
+
+    memory_format = torch.contiguous_format
+
+
+KINDS: dict[str, type[TeacherObjective]] = {
+    "joint": JointPassObjective,
+    "joint_nchw": JointPassNCHWObjective,
+    "per_view_calls": PerViewCallsObjective,
+    "batched": TeacherObjective,
+}
+
+
 def make(kind: str, args: argparse.Namespace) -> tuple[TeacherObjective, torch.optim.Optimizer]:
     torch.manual_seed(0)
     teacher = Teacher(4, 1, args.n_groups, args.n_blocks)
-    cls = JointPassObjective if kind == "joint" else TeacherObjective
+    cls = KINDS[kind]
     objective = cls(teacher, LOSSES).train()
     trainable = [p for p in objective.parameters() if p.requires_grad]
     return objective, torch.optim.Adam(trainable, lr=1e-4, betas=(0.9, 0.99))
@@ -79,7 +117,9 @@ def main() -> None:
     parser.add_argument("--n-groups", type=int, default=8)
     parser.add_argument("--n-blocks", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--pairs", type=int, default=7)
+    parser.add_argument(
+        "--rounds", type=int, nargs=2, default=[45, 9], help="phase 1, phase 2: rounds of one step per kind"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -92,44 +132,55 @@ def main() -> None:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__,
         "shape": {k: getattr(args, k) for k in ("batch", "views", "patch", "n_groups", "n_blocks")},
-        "pairs": args.pairs,
+        "rounds": args.rounds,
         "phases": {},
     }
     for phase in (1, 2):
-        runs = {kind: make(kind, args) for kind in ("joint", "per_view")}
+        runs = {kind: make(kind, args) for kind in KINDS}
         for objective, optimizer in runs.values():
             step(objective, optimizer, batch, phase)  # warm-up
         times: dict[str, list[float]] = {kind: [] for kind in runs}
-        ratios = []
-        for i in range(args.pairs):
-            order = ("joint", "per_view") if i % 2 == 0 else ("per_view", "joint")
-            pair = {kind: step(*runs[kind], batch, phase) for kind in order}
-            for kind, seconds in pair.items():
-                times[kind].append(seconds)
-            ratios.append(pair["per_view"] / pair["joint"])
+        ratios: dict[str, list[float]] = {kind: [] for kind in runs if kind != "joint"}
+        kinds = list(KINDS)
+        for i in range(args.rounds[phase - 1]):
+            order = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]
+            seconds = {kind: step(*runs[kind], batch, phase) for kind in order}
+            for kind in runs:
+                times[kind].append(seconds[kind])
+            for kind in ratios:
+                ratios[kind].append(seconds[kind] / seconds["joint"])
         result["phases"][phase] = {
-            "joint_median_s": statistics.median(times["joint"]),
-            "per_view_median_s": statistics.median(times["per_view"]),
-            "median_ratio": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
+            **{f"{kind}_median_s": statistics.median(times[kind]) for kind in runs},
+            **{
+                f"{kind}_ratio": {
+                    "median": statistics.median(r),
+                    "min": min(r),
+                    "max": max(r),
+                }
+                for kind, r in ratios.items()
+            },
         }
         print(f"phase {phase}: {json.dumps(result['phases'][phase])}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "teacher_step.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         f"Teacher step (forward + backward + Adam), B={args.batch}, V={args.views}, LR {args.patch}x{args.patch}, "
-        f"n_groups={args.n_groups}, n_blocks={args.n_blocks}, {args.threads} threads, {args.pairs} alternating pairs, "
-        f"torch {torch.__version__}, {result['when']}.",
+        f"n_groups={args.n_groups}, n_blocks={args.n_blocks}, {args.threads} threads, {args.rounds[0]} / {args.rounds[1]} rounds "
+        f"in phase 1 / 2 (one step of each kind per round, order rotating), torch {torch.__version__}, {result['when']}.",
+        "Ratios: time / joint time within a round; median, min and max over the rounds.",
         "",
-        "| phase | joint pass (s, median) | per-view, authors' step (s, median) | per-view / joint (median of pairs) | min | max |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| phase | joint pass (s, median) | joint NCHW (s) | per-view calls (s) | batched per-view BN (s) "
+        "| joint NCHW / joint | per-view calls / joint | batched / joint |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for phase, r in result["phases"].items():
-        lines.append(
-            f"| {phase} | {r['joint_median_s']:.3f} | {r['per_view_median_s']:.3f} | {r['median_ratio']:.3f} "
-            f"| {r['ratio_min']:.3f} | {r['ratio_max']:.3f} |"
+        medians = " | ".join(f"{r[f'{kind}_median_s']:.3f}" for kind in KINDS)
+        ratios_text = " | ".join(
+            f"{r[f'{kind}_ratio']['median']:.3f} ({r[f'{kind}_ratio']['min']:.2f}-{r[f'{kind}_ratio']['max']:.2f})"
+            for kind in KINDS
+            if kind != "joint"
         )
+        lines.append(f"| {phase} | {medians} | {ratios_text} |")
     (RESULTS / "teacher_step.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,8 +21,12 @@ class ConvBNLeaky(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
-        self.norm = nn.BatchNorm2d(out_channels)
+        self.norm: nn.BatchNorm2d | nn.SyncBatchNorm = nn.BatchNorm2d(out_channels)  # Sync under DDP on GPU
         self.act = nn.LeakyReLU(0.1, inplace=True)
+
+    def per_view(self, x: torch.Tensor, views: int, repeat_first_view: bool) -> torch.Tensor:
+        """This stage with BatchNorm statistics per view (see `DegradationEncoder.forward`)."""
+        return self.act(per_view_batch_norm(self.norm, self.conv(x), views, repeat_first_view))
 
 
 class DegradationEncoder(nn.Module):
@@ -41,11 +45,45 @@ class DegradationEncoder(nn.Module):
             channels = out_channels
         self.stages = nn.Sequential(*stages)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, views: int = 1, repeat_first_view: bool = False) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, 128, ceil(H/4), ceil(W/4)).
+
+        With `views` > 1, x holds `views` groups of N / views items one after the other (view-major) and
+        every BatchNorm normalises each group with its own statistics, as `views` separate calls would
+        (the convolutions are per item, so running them once over all groups is exact). With
+        `repeat_first_view`, each BatchNorm also updates its running statistics once more with the first
+        group, as a further gradient-free call on that group alone would.
+        """
         # NCHW, as the authors' encoder: the first layer's gradient is ill-conditioned (prior channels that
         # are constant per item, then a training-mode BatchNorm), so its float noise (~1e-3 relative) only
         # matches the authors' step in the same layout; channels_last saves ~3% of a teacher step
-        return self.stages(x.contiguous())  # (B, C_in, H, W) -> (B, 128, ceil(H/4), ceil(W/4))
+        x = x.contiguous()
+        if views == 1 and not repeat_first_view:
+            return self.stages(x)
+        if views < 1 or x.shape[0] % views:
+            raise ValueError(f"views must divide the batch: {x.shape[0]} items, views={views}")
+        for stage in self.stages:
+            assert isinstance(stage, ConvBNLeaky)
+            x = stage.per_view(x, views, repeat_first_view)
+        return x
+
+
+def per_view_batch_norm(
+    norm: nn.BatchNorm2d | nn.SyncBatchNorm, x: torch.Tensor, views: int, repeat_first_view: bool
+) -> torch.Tensor:
+    """`norm` called once per view-major group of x (batch statistics and running updates per group, in order).
+
+    Calling the module (not a functional batch norm) keeps SyncBatchNorm's per-call reduction across
+    workers, so each view is normalised with that view's statistics on all workers.
+    """
+    if not norm.training:
+        return norm(x)  # running statistics: the same for every group
+    groups = x.chunk(views)
+    out = torch.cat([norm(group) for group in groups])
+    if repeat_first_view:
+        with torch.no_grad():
+            norm(groups[0])
+    return out
 
 
 class ContrastiveHead(nn.Module):

@@ -71,9 +71,12 @@ class TeacherObjective(nn.Module):
     The step is the authors' MoCo step (`moco/builder.py`): the query encoder runs once per view, so
     BatchNorm normalises each view with the statistics of its own B items (SyncBatchNorm: of that
     view on all workers), then once more over view 0 for the generator; the momentum update follows,
-    then the key encoder runs once per view. The generator reuses view 0's first query pass (same
-    input, same weights, same batch statistics: the same numbers and gradient); a gradient-free repeat
-    of that pass keeps the running statistics as the authors' fifth pass leaves them.
+    then the key encoder runs once per view. Here each encoder runs once over all B*V crops with
+    BatchNorm statistics per view (`DegradationEncoder.forward` with `views`): the convolutions are
+    per item, so this gives the per-view calls' numbers in one pass. The generator reuses view 0's
+    query output (same input, weights and batch statistics as the authors' separate view-0 pass: the
+    same numbers and gradient); each BatchNorm repeats view 0's running-statistics update, as that
+    fifth pass leaves them.
     """
 
     def __init__(self, teacher: Teacher, loss_cfg: LossSettings) -> None:
@@ -85,21 +88,21 @@ class TeacherObjective(nn.Module):
         _check_batch(lr, hr, prior)
         _check_phase(phase)
         teacher, cfg = self.model, self.loss_cfg
-        views = lr.shape[1]
+        batch, views = lr.shape[:2]
         if views < 2:
             raise ValueError(f"the teacher needs at least 2 views per item, got V={views}")
-        idr = [teacher.encode(lr[:, v], prior) for v in range(views)]  # V x (B, 128, h/4, w/4)
-        q = torch.stack([teacher.head(x) for x in idr], dim=1)  # (B, V, 128)
-        if teacher.encoder.training:
-            with torch.no_grad():  # the authors' separate view-0 pass: only its running statistics differ
-                teacher.encode(lr[:, 0], prior)
+        # view-major (V*B, 3 + P, h, w): view v's items are rows v*B .. (v+1)*B - 1
+        x = teacher.encoder_input(lr.transpose(0, 1).flatten(0, 1), prior.repeat(views, 1))
+        idr = teacher.encoder(x, views=views, repeat_first_view=True)  # (V*B, 128, h/4, w/4)
+        q = teacher.head(idr).view(views, batch, -1).transpose(0, 1)  # (B, V, 128)
         teacher.momentum_update()
-        k = torch.stack([teacher.embed_keys(lr[:, v], prior) for v in range(views)], dim=1).float()  # (B, V, 128)
+        with torch.no_grad():
+            k = teacher.key_head(teacher.key_encoder(x, views=views)).view(views, batch, -1).transpose(0, 1).float()
         contrastive = contrastive_loss(q, k, teacher.queue.clone(), cfg.contrastive_temperature)
         terms: Terms = {"contrastive": contrastive}
         total = cfg.contrastive_weight * contrastive
         if phase == 2:
-            ca, xk = teacher.generator.convert(idr[0], _size(lr))
+            ca, xk = teacher.generator.convert(idr[:batch], _size(lr))
             sr = teacher.generator.reconstruct(lr[:, 0], ca, xk)
             terms["l1"] = l1_255(sr, hr[:, 0])
             total = total + cfg.l1_weight * terms["l1"]

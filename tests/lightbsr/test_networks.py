@@ -1,10 +1,13 @@
 """Shapes, sizes, input checks and the teacher's MoCo machinery of the LightBSR networks."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lightbsr import Student, Teacher
+from lightbsr.encoder import DegradationEncoder
 from lightbsr.generator import Generator
 from lightbsr.macs import count_parameters, count_trainable_parameters
 
@@ -258,3 +261,26 @@ def test_bf16_autocast_is_close_to_fp32():
     assert mixed.shape == (1, 3, 252, 260) and mixed.dtype == torch.bfloat16
     error = ((mixed.float() - reference).abs().max() / reference.abs().max()).item()
     assert 0 < error < 5e-2  # bf16 really ran (not a silent fp32 pass-through), and stayed close
+
+
+def test_encoder_with_views_equals_one_call_per_view_then_a_view_zero_repeat():
+    torch.manual_seed(0)
+    batched = DegradationEncoder(3).train()
+    separate = copy.deepcopy(batched)
+    views, batch = 3, 4
+    x = torch.rand(views * batch, 3, 12, 12) * torch.arange(1, views + 1).repeat_interleave(batch)[:, None, None, None]
+    out = batched(x, views=views, repeat_first_view=True)
+    expected = torch.cat([separate(group) for group in x.chunk(views)])
+    with torch.no_grad():
+        separate(x[:batch])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    for name, value in separate.state_dict().items():  # running statistics and num_batches_tracked
+        torch.testing.assert_close(batched.state_dict()[name], value, rtol=1e-5, atol=1e-7, msg=name)
+    pooled = DegradationEncoder(3).train()
+    pooled.load_state_dict(batched.state_dict())
+    assert not torch.allclose(pooled(x), batched(x, views=views), atol=1e-3)  # per-view statistics differ from pooled
+
+
+def test_encoder_views_must_divide_the_batch():
+    with pytest.raises(ValueError, match="views must divide the batch"):
+        DegradationEncoder(3).train()(torch.rand(5, 3, 8, 8), views=2)
