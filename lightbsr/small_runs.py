@@ -121,8 +121,8 @@ class Recipe:
     n_groups: int = 2
     n_blocks: int = 2
     batch: int = 8
-    lr: float = 2e-3
-    queue_size: int = 256
+    lr: float = 2e-3  # Adam, constant
+    queue_size: int = 256  # the teacher's MoCo queue and momentum, scaled down with the run
     momentum: float = 0.99
     teacher_phase1: int = 60
     teacher_phase2: int = 120
