@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -520,46 +521,48 @@ def _metric_name(*parts: str) -> str:
     return "/".join(p.replace(" ", "_").replace("(", "").replace(")", "") for p in parts)
 
 
+def _table_metrics(result: Evaluation) -> dict[str, float]:
+    """Our and bicubic's PSNR/SSIM per protocol, set and case, and the IDR scores, as MLflow metrics."""
+    metrics = {}
+    for line in csv.DictReader(io.StringIO(result.tables.csv)):
+        if line["method"] not in (OURS, BICUBIC):
+            continue
+        for column, value in line.items():
+            if column.endswith((" PSNR", " SSIM")) and value:
+                set_name, metric = column.rsplit(" ", 1)
+                method = "bicubic" if line["method"] == BICUBIC else "ours"
+                metrics[_metric_name(method, metric.lower(), line["protocol"], set_name, line["case"])] = float(value)
+    for model, values in result.idr.items():
+        metrics.update({_metric_name("idr", model, k): v for k, v in values.items()})
+    return metrics
+
+
 def log_to_mlflow(result: Evaluation, cfg: Config, model_ref: str, files: dict[str, bytes]) -> str:
-    import mlflow
+    """A new run `evaluate` with the parameters, table metrics and files; ended FAILED if logging fails."""
+    from mlflow.entities import Metric
 
     from workflows import tracking
 
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name="evaluate") as run:
-        mlflow.log_params(
-            {
-                "model": redact(model_ref),
-                "protocols": ",".join(cfg.evaluate.protocols),
-                "sets": ",".join(sorted({r["set"] for r in result.rows})),
-                "tile": cfg.evaluate.tile,
-                "overlap": cfg.evaluate.overlap,
-                "crop": cfg.evaluate.crop,
-            }
-        )
-        metrics = {}
-        for line in csv.DictReader(io.StringIO(result.tables.csv)):
-            if line["method"] not in (OURS, BICUBIC):
-                continue
-            for column, value in line.items():
-                if column.endswith((" PSNR", " SSIM")) and value:
-                    set_name, metric = column.rsplit(" ", 1)
-                    key = _metric_name(
-                        "bicubic" if line["method"] == BICUBIC else "ours",
-                        metric.lower(),
-                        line["protocol"],
-                        set_name,
-                        line["case"],
-                    )
-                    metrics[key] = float(value)
-        for model, values in result.idr.items():
-            metrics.update({_metric_name("idr", model, k): v for k, v in values.items()})
-        mlflow.log_metrics(metrics)
+    mlflow_client = tracking.client(cfg)
+    run_id = mlflow_client.create_run(tracking.experiment_id(cfg), run_name="evaluate").info.run_id
+    status = "FAILED"
+    try:
+        params = {"model": redact(model_ref), "protocols": ",".join(cfg.evaluate.protocols)}
+        params["sets"] = ",".join(sorted({r["set"] for r in result.rows}))
+        params |= {key: str(getattr(cfg.evaluate, key)) for key in ("tile", "overlap", "crop")}
+        tracking.log_params(cfg, run_id, params)
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, 0) for key, value in _table_metrics(result).items()]
+        for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            mlflow_client.log_batch(run_id, metrics=metrics[start : start + 1000])
         with tempfile.TemporaryDirectory() as folder:
             for name, data in files.items():
                 Path(folder, name).write_bytes(data)
-                mlflow.log_artifact(str(Path(folder, name)), artifact_path="evaluation")
-        return run.info.run_id
+                mlflow_client.log_artifact(run_id, str(Path(folder, name)), artifact_path="evaluation")
+        status = "FINISHED"
+    finally:
+        tracking.end_run(cfg, run_id, status)
+    return run_id
 
 
 def idr_images(sets: dict[str, dict[str, bytes]]) -> dict[str, bytes]:
