@@ -293,9 +293,10 @@ def test_a_wrong_s3_secret_is_one_line_without_the_secret(s3_server, mlflow_serv
         f"data.eval_images={sample_images / 'eval'}",
         "train.stage=teacher",
     ]
-    assert run(main, [a for o in argv for a in ("--set", o)], prog="lightbsr train") == 1
+    # preflight asks the store before any work: refused credentials are a configuration error (exit 2)
+    assert run(main, [a for o in argv for a in ("--set", o)], prog="lightbsr train") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lightbsr train: failed:") and "access denied" in err[0]
+    assert len(err) == 1 and err[0].startswith("lightbsr train: error:") and "access denied" in err[0]
     assert "wrong-secret-9f3a" not in err[0]
 
 
