@@ -19,26 +19,17 @@ import os
 import platform
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from lightbsr.degrade import DegradationSampler, kernel_pca_basis
 from lightbsr.objectives import StudentObjective, TeacherObjective
+from lightbsr.small_runs import LossWeights
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
 
-PAPER_LOSSES = SimpleNamespace(
-    l1_weight=1.0,
-    contrastive_temperature=0.07,
-    contrastive_weight=1.0,
-    kd_temperature=0.15,
-    channel_kl_weight=1.0,
-    channel_l1_weight=0.1,
-    spatial_weight=1.0,
-    distillation=True,
-)
+PAPER_LOSSES = LossWeights()  # the paper's loss settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,6 @@ what training on the real sample photographs achieves (plain PyTorch, small netw
 
 import copy
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 from lightbsr.degrade import kernel_pca_basis
 from lightbsr.objectives import StudentObjective, TeacherObjective
-from lightbsr.small_runs import Recipe, bicubic_psnr, student_psnr, train_student, train_teacher
+from lightbsr.small_runs import LossWeights, Recipe, bicubic_psnr, student_psnr, train_student, train_teacher
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
 from tests.lightbsr.real_batches import as_float_batch, blind_blur_eval_set, degraded_examples
@@ -22,17 +21,7 @@ SCALE = 4
 
 
 def paper_losses(**changes):
-    values = dict(
-        l1_weight=1.0,
-        contrastive_temperature=0.07,
-        contrastive_weight=1.0,
-        kd_temperature=0.15,
-        channel_kl_weight=1.0,
-        channel_l1_weight=0.1,
-        spatial_weight=1.0,
-        distillation=True,
-    )
-    return SimpleNamespace(**{**values, **changes})
+    return replace(LossWeights(), **changes)
 
 
 def small_teacher(queue_size=64, momentum=0.999, seed=0):
