@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO))
 from lightbsr.checkpoint import save_checkpoint  # noqa: E402
 from lightbsr.degrade import kernel_pca_basis  # noqa: E402
 from lightbsr.objectives import StudentObjective  # noqa: E402
+from lightbsr.small_runs import as_float_batch, degraded_examples  # noqa: E402
 from lightbsr.student import Student  # noqa: E402
 from lightbsr.teacher import Teacher  # noqa: E402
-from tests.lightbsr.real_batches import as_float_batch, degraded_examples  # noqa: E402
 from workflows.config import load_config  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"

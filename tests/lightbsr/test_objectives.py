@@ -10,10 +10,19 @@ import torch.nn.functional as F
 
 from lightbsr.degrade import kernel_pca_basis
 from lightbsr.objectives import StudentObjective, TeacherObjective
-from lightbsr.small_runs import LossWeights, Recipe, bicubic_psnr, student_psnr, train_student, train_teacher
+from lightbsr.small_runs import (
+    LossWeights,
+    Recipe,
+    as_float_batch,
+    bicubic_psnr,
+    blind_blur_eval_set,
+    degraded_examples,
+    student_psnr,
+    train_student,
+    train_teacher,
+)
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
-from tests.lightbsr.real_batches import as_float_batch, blind_blur_eval_set, degraded_examples
 
 pytestmark = pytest.mark.unit
 

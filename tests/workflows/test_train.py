@@ -16,8 +16,8 @@ from PIL import Image
 
 from lightbsr.checkpoint import load_checkpoint, save_checkpoint
 from lightbsr.degrade import kernel_pca_basis
+from lightbsr.small_runs import degraded_examples
 from lightbsr.teacher import Teacher
-from tests.lightbsr.real_batches import degraded_examples
 from workflows.cli import run
 from workflows.config import load_config
 from workflows.resume import ConfigChanged, ResumeError, latest_checkpoint
