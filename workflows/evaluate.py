@@ -28,7 +28,7 @@ import torch
 
 from lightbsr.checkpoint import CheckpointError, load_checkpoint
 from lightbsr.degrade import bicubic_upsample, degrade, kernel_pca_basis
-from lightbsr.images import IMAGE_EXTENSIONS, ImageError, read_rgb
+from lightbsr.images import IMAGE_EXTENSIONS, ImageError, decode_picture
 from lightbsr.macs import count_parameters
 from lightbsr.metrics import psnr, ssim
 from lightbsr.protocols import DegradationCase, get_protocol
@@ -97,7 +97,7 @@ PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def benchmark_sets(root: str, s3_cfg: S3Config | None = None) -> dict[str, dict[str, str]]:
-    """`{set name: {image name: URL}}` for every `<root>/<set>/HR/*.png`, on any storage.
+    """`{set name: {image name: URL}}` for every `<root>/<set>/HR/<image>` (PNG, JPEG, ..., any mode), on any storage.
 
     Any folder name is a set; the paper's sets come first in the paper's order, then the others
     by name. An error naming `root` if it does not exist or holds no such images.
@@ -109,10 +109,10 @@ def benchmark_sets(root: str, s3_cfg: S3Config | None = None) -> dict[str, dict[
     sets: dict[str, dict[str, str]] = {}
     for name in names:
         parts = name.split("/")
-        if len(parts) == 3 and parts[1] == "HR" and parts[2].lower().endswith(".png"):
+        if len(parts) == 3 and parts[1] == "HR" and parts[2].lower().endswith(IMAGE_EXTENSIONS):
             sets.setdefault(parts[0], {})[parts[2]] = storage.join(root, name)
     if not sets:
-        raise UsageError(f"benchmarks: {redact(root)} holds no <set>/HR/*.png images")
+        raise UsageError(f"benchmarks: {redact(root)} holds no <set>/HR/ images ({', '.join(IMAGE_EXTENSIONS)})")
     return {name: sets[name] for name in sorted(sets, key=_set_order)}
 
 
@@ -157,10 +157,16 @@ def read_sets(cfg: Config, benchmarks: str | None) -> dict[str, dict[str, bytes]
     return sets
 
 
+def benchmark_rgb(data: bytes, name: str) -> np.ndarray:
+    """A benchmark image as float32 RGB (H, W, 3) in [0, 1], read as the authors read them: gray copied
+    to three channels, alpha dropped; palette, CMYK, 16-bit and EXIF-rotated files as `decode_picture`."""
+    return decode_picture(data, name).rgb
+
+
 def _decoded(data: bytes, name: str) -> np.ndarray:
-    """`lightbsr.images.read_rgb`, its refusal turned into the command's usage error."""
+    """`benchmark_rgb`, its refusal turned into the command's usage error."""
     try:
-        return read_rgb(data, name)
+        return benchmark_rgb(data, name)
     except ImageError as error:
         raise UsageError(str(error)) from None
 
@@ -193,13 +199,13 @@ class Scorer:
     def score(self, item: dict[str, Any]) -> list[dict[str, Any]]:
         """One image under every case of its protocol -> one result row per case."""
         key = f"{item['set']}/{item['image']}"
-        pixels = read_rgb(bytes(item["data"]), key)  # (H, W, 3) uint8
+        pixels = benchmark_rgb(bytes(item["data"]), key)  # (H, W, 3) float32 in [0, 1]
         if self.crop:
             pixels = pixels[: self.crop, : self.crop]
         protocol = get_protocol(str(item["protocol"]))
         if protocol.scale != self.student.scale:
             raise ValueError(f"protocol {protocol.name} is x{protocol.scale} but the model is x{self.student.scale}")
-        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 255
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
         rows = []
         for case in protocol.cases:
             hr, lr = protocol.make_pair(image, case, key)  # (1, 3, H, W), (1, 3, H/s, W/s)
@@ -398,7 +404,7 @@ def _patches(images: dict[str, bytes], count: int, size: int, seed: int) -> torc
             )
         y, x = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
         crops.append(image[y : y + size, x : x + size])
-    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
 
 
 def idr_features(

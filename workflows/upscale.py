@@ -4,36 +4,35 @@ MODEL is any model reference (`workflows.references`): `models:/name@alias` or `
 (with the tracking URI in `tracking.uri` or MLFLOW_TRACKING_URI), `runs:/<run_id>/<path>`, an `s3://`
 URL or a checkpoint path (ours or the authors').
 Inference is tiled with the whole-image codes shared by every tile, on the GPU when there is
-one. Each output keeps its input's format (PNG, JPEG or WebP; others become PNG) unless
-`--format` says otherwise, and appears only when complete.
+one. Any common image works (`lightbsr.inference`): gray comes back gray, alpha is kept
+(upscaled bicubic), 16-bit comes back 16-bit. Each output keeps its input's format (PNG, JPEG
+or WebP; others become PNG) unless `--format` says otherwise (refused when it cannot hold the
+image: alpha in JPEG, 16 bits in anything but PNG), and appears only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from lightbsr.checkpoint import CheckpointError
-from lightbsr.images import IMAGE_EXTENSIONS, ImageError, read_rgb
-from lightbsr.tiling import MIN_SIDE, upscale
+from lightbsr.images import IMAGE_EXTENSIONS, ImageError
+from lightbsr.inference import upscale_bytes
 from workflows import preflight, references, storage
 from workflows.cli import run
 from workflows.config import Config, add_config_arguments, load_config
 from workflows.errors import UsageError
 from workflows.urls import redact
 
-__all__ = ["Job", "encode_image", "main", "plan_jobs", "upscale_all"]
+__all__ = ["Job", "main", "plan_jobs", "upscale_all"]
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
-JPEG_QUALITY = 95
 
 
 @dataclass(frozen=True)
@@ -65,28 +64,6 @@ def plan_jobs(src: str, out: str, cfg: Config) -> list[Job]:
     return [Job(storage.join(src, f), None, f) for f in images]
 
 
-def input_format(data: bytes) -> str:
-    """PNG / JPEG / WEBP as Pillow detects it from the bytes; other formats come out as PNG."""
-    try:
-        detected = Image.open(io.BytesIO(data)).format
-    except (UnidentifiedImageError, OSError):  # read_rgb reports unreadable files with a proper message
-        return "PNG"
-    return detected if detected in EXTENSIONS else "PNG"
-
-
-def encode_image(pixels, fmt: str) -> bytes:
-    """uint8 (H, W, 3) -> file bytes; WebP lossless, JPEG at quality 95."""
-    formats: dict[str, dict[str, int | bool]] = {
-        "PNG": {},
-        "JPEG": {"quality": JPEG_QUALITY},
-        "WEBP": {"lossless": True},
-    }
-    options = formats[fmt]
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
 def _target(job: Job, out: str, fmt: str) -> str:
     if job.target is not None:
         suffix = PurePosixPath(job.target).suffix.lower().lstrip(".")
@@ -113,11 +90,10 @@ def upscale_all(
     written = []
     for job in tqdm(jobs, desc="upscale", unit="image", disable=not progress):
         data = storage.read_bytes(job.source, cfg.storage.s3)
-        pixels = read_rgb(data, job.source, min_size=MIN_SIDE)  # (H, W, 3) uint8
-        chosen = FORMATS[fmt.lower()] if fmt else input_format(data)
+        requested = FORMATS[fmt.lower()] if fmt else None
+        sr, chosen = upscale_bytes(student, data, job.source, requested, cfg.evaluate.tile, cfg.evaluate.overlap)
         target = _target(job, out, chosen)
-        sr = upscale(student, torch.from_numpy(pixels), cfg.evaluate.tile, cfg.evaluate.overlap)  # (sH, sW, 3)
-        storage.atomic_write_bytes(target, encode_image(sr.numpy(), chosen), cfg.storage.s3)
+        storage.atomic_write_bytes(target, sr, cfg.storage.s3)
         written.append(target)
     return written
 
