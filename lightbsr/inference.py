@@ -57,11 +57,12 @@ def upscale_picture(
 
 
 def _resize(channel: np.ndarray, width: int, height: int) -> np.ndarray:
-    """float32 (H, W) -> (height, width) by bicubic interpolation, clamped to [0, 1]."""
-    resized = Image.fromarray(np.ascontiguousarray(channel, np.float32)).resize(
-        (width, height), Image.Resampling.BICUBIC
-    )
-    return np.clip(np.asarray(resized, np.float32), 0, 1)
+    """float32 (H, W) in [0, 1] -> (height, width) by Pillow's bicubic, one axis at a time, clamped to [0, 1]
+    after each (as Pillow does on 8-bit images, so hard alpha edges do not ring through both passes)."""
+    image = Image.fromarray(np.ascontiguousarray(channel, np.float32))
+    rows = np.clip(np.asarray(image.resize((width, channel.shape[0]), Image.Resampling.BICUBIC)), 0, 1)
+    both = Image.fromarray(rows).resize((width, height), Image.Resampling.BICUBIC)
+    return np.clip(np.asarray(both, np.float32), 0, 1)
 
 
 def upscale_bytes(
