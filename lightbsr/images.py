@@ -247,7 +247,7 @@ def _split(values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 def _pillow_values(image: Image.Image, name: str) -> tuple[np.ndarray, int]:
     """A decoded Pillow image -> float32 (H, W, C) in [0, 1] (C: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA), bits."""
     mode = image.mode
-    if mode == "TIFF" or (image.format == "TIFF" and max(_tiff_bits(image)) > 8 and not mode.startswith("I;16")):
+    if image.format == "TIFF" and mode in ("RGB", "RGBA") and max(_tiff_bits(image)) > 8:  # Pillow keeps 8 of them
         raise ImageError(name, "unsupported mode", "TIFF with more than 8 bits per colour channel; save it as PNG")
     if mode.startswith("I;16"):
         return np.asarray(image).astype(np.float32)[..., None] / 65535, 16

@@ -1,18 +1,23 @@
-"""`lightbsr.images`: strict 8-bit RGB reading, atomic writing, the benchmark folder loader."""
+"""`lightbsr.images`: strict 8-bit RGB reading, any mode for inference, 16-bit PNG, atomic writing."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lightbsr.images import (
     ImageError,
+    Picture,
+    decode_picture,
+    encode_picture,
     encode_png,
     read_rgb,
     write_image,
 )
-from tests.fixtures.images import bad_images, exif_rotated_jpeg
+from tests.fixtures.images import bad_images, exif_rotated_jpeg, png_chunk
 
 pytestmark = pytest.mark.unit
 
@@ -60,6 +65,10 @@ def test_each_kind_of_bad_file_is_rejected_with_its_reason_and_name(bad_files, t
         read_rgb(path, min_size=128)
     assert caught.value.reason == reason
     assert str(path) in str(caught.value) and reason in str(caught.value)
+    if reason in ("grayscale", "alpha", "palette", "16-bit", "cmyk"):  # accepted for inference, not for training
+        assert "training shards need 8-bit RGB images" in str(caught.value)
+    if reason in ("grayscale", "alpha", "palette"):
+        assert f"mode {Image.open(io.BytesIO(data)).mode}" in str(caught.value)
 
 
 def test_pillow_alone_would_accept_the_16_bit_png_as_8_bit_rgb(bad_files):
@@ -126,3 +135,65 @@ def test_write_image_rejects_non_rgb_arrays_and_unknown_formats(tmp_path):
     with pytest.raises(ValueError, match=r"'\.gif'"):
         write_image(tmp_path / "x.gif", np.zeros((4, 4, 3), np.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+def filtered_png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG whose rows use the five PNG filters in turn (None, Sub, Up, Average, Paeth),
+    filtered here by the specification's forward formulas."""
+    height, width, _ = pixels.shape
+    raw = pixels.astype(">u2").reshape(height, -1).view(np.uint8).astype(np.int64)  # (H, 6W)
+    left = np.pad(raw, ((0, 0), (6, 0)))[:, :-6]
+    up = np.pad(raw, ((1, 0), (0, 0)))[:-1]
+    upleft = np.pad(raw, ((1, 0), (6, 0)))[:-1, :-6]
+    estimate = left + up - upleft
+    pa, pb, pc = np.abs(estimate - left), np.abs(estimate - up), np.abs(estimate - upleft)
+    paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+    predictors = [np.zeros_like(raw), left, up, (left + up) // 2, paeth]
+    rows = b"".join(
+        bytes([y % 5]) + ((raw[y] - predictors[y % 5][y]) % 256).astype(np.uint8).tobytes() for y in range(height)
+    )
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    body = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+@pytest.fixture(scope="module")
+def deep(photo) -> np.ndarray:
+    """uint16 (40, 56, 3) from a real photo, low bytes from another part of it (not on 8-bit levels)."""
+    return photo[:40, :56].astype(np.uint16) * 256 + photo[100:140, 200:256]
+
+
+def test_16_bit_rgb_png_is_read_through_every_filter_at_full_precision(deep):
+    picture = decode_picture(filtered_png16(deep), "deep.png")
+    assert picture.bits == 16 and not picture.gray and picture.alpha is None and picture.format == "PNG"
+    np.testing.assert_array_equal(np.round(picture.rgb * 65535).astype(np.uint16), deep)
+
+
+def test_16_bit_pictures_are_written_as_16_bit_png(deep):
+    rgb = encode_picture(Picture(deep.astype(np.float32) / 65535, bits=16), "PNG")
+    assert rgb[24:26] == bytes([16, 2])  # IHDR: 16 bits, truecolour
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(rgb))), (deep >> 8).astype(np.uint8))  # Pillow: high bytes
+    np.testing.assert_array_equal(np.round(decode_picture(rgb, "back").rgb * 65535), deep)
+    gray = deep[..., 0].astype(np.float32) / 65535
+    gray_png = encode_picture(Picture(np.dstack([gray] * 3), gray=True, bits=16), "PNG")
+    with Image.open(io.BytesIO(gray_png)) as image:
+        assert image.mode == "I;16"
+        np.testing.assert_array_equal(np.asarray(image), deep[..., 0])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_applied_as_pillow_does(photo, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(photo[:30, :50]).save(buffer, format="PNG", exif=exif)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))))
+    picture = decode_picture(buffer.getvalue(), "turned.png")
+    np.testing.assert_array_equal(np.round(picture.rgb * 255).astype(np.uint8), upright)
+
+
+def test_an_unsupported_mode_is_named(photo):
+    buffer = io.BytesIO()
+    Image.fromarray(photo[..., 0].astype(np.float32)).save(buffer, format="TIFF")  # 32-bit float
+    with pytest.raises(ImageError, match=r"depth\.tif: unsupported mode: mode F"):
+        decode_picture(buffer.getvalue(), "depth.tif")

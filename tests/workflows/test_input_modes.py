@@ -224,4 +224,6 @@ def test_evaluate_scores_a_benchmark_set_holding_every_mode(files, tmp_path):
             hr_cropped, lr = protocol.make_pair(hr, case, f"Modes/{name}")
             with torch.no_grad():
                 sr = student(4)(lr)
-            assert row["psnr"] == pytest.approx(y_psnr(sr[0].double().numpy(), hr_cropped[0].double().numpy(), 4), abs=1e-6), name
+            assert row["psnr"] == pytest.approx(
+                y_psnr(sr[0].double().numpy(), hr_cropped[0].double().numpy(), 4), abs=1e-6
+            ), name

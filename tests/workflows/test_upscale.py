@@ -99,17 +99,12 @@ def bad_inputs(folder: Path, photo: np.ndarray) -> dict[str, str]:
     """file name -> the words the error must contain."""
     (folder / "text.png").write_text("this is not an image")
     Image.fromarray(photo[:1, :1]).save(folder / "tiny.png")
-    rgba = np.dstack([photo, np.full(photo.shape[:2], 200, np.uint8)])
-    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
-    buffer = io.BytesIO()
-    Image.fromarray(photo[..., 0].astype(np.uint16) * 257).save(buffer, format="PNG")
-    (folder / "deep.png").write_bytes(buffer.getvalue())
+    Image.fromarray(photo[..., 0].astype(np.float32) / 255).save(folder / "float.tif")  # mode F
     (folder / "empty.png").write_bytes(b"")
     return {
         "text.png": "not an image",
         "tiny.png": "1x1 pixels",
-        "alpha.png": "alpha channel",
-        "deep.png": "16-bit",
+        "float.tif": "unsupported mode: mode F",
         "empty.png": "empty",
     }
 
