@@ -220,7 +220,7 @@ def decode_picture(data: bytes, name: str, max_pixels: int | None = None, min_si
         raise ImageError(name, "zero-byte", "the file is empty")
     image = _open(data, name, Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
     header = _png_header(data)
-    if header is not None and header[2] == 16:
+    if header is not None and header[2] == 16 and header[3] in _PNG_CHANNELS:  # 16-bit gray: Pillow reads I;16
         values, bits = _read_png16(data, name, header).astype(np.float32) / np.float32(65535), 16
     else:
         _decode_fully(image, name)
@@ -324,7 +324,11 @@ def encode_picture(picture: Picture, fmt: str, quality: int = JPEG_QUALITY) -> b
 
 # ----------------------------------------------------------------------------- 16-bit PNG (Pillow reads it as 8-bit)
 
-_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel (gray, RGB, gray+alpha, RGBA)
+_PNG_CHANNELS = {
+    2: 3,
+    4: 2,
+    6: 4,
+}  # colour type -> samples per pixel (RGB, gray+alpha, RGBA) that Pillow cuts to 8 bits
 
 
 def _png_header(data: bytes) -> tuple[int, int, int, int, int] | None:
@@ -336,9 +340,13 @@ def _png_header(data: bytes) -> tuple[int, int, int, int, int] | None:
 
 
 def _read_png16(data: bytes, name: str, header: tuple[int, int, int, int, int]) -> np.ndarray:
-    """A 16-bit gray/RGB/gray+alpha/RGBA PNG -> uint16 (H, W, C), by the PNG specification (zlib + filters)."""
+    """A 16-bit RGB / gray+alpha / RGBA PNG -> uint16 (H, W, C), by the PNG specification (zlib + filters).
+
+    Pure numpy, so much slower than Pillow's C decoder (the filters are undone one anti-diagonal at a time);
+    16-bit gray PNGs, which Pillow reads in full, do not come here.
+    """
     width, height, _, color_type, interlace = header
-    if color_type not in _PNG_CHANNELS or interlace:
+    if interlace:
         raise ImageError(name, "unsupported mode", "16-bit PNG that is interlaced; save it non-interlaced")
     idat = []
     for kind, body in _png_chunks(data, name):

@@ -49,6 +49,7 @@ __all__ = [
     "PUBLISHED",
     "Evaluation",
     "Scorer",
+    "benchmark_rgb",
     "benchmark_sets",
     "build_tables",
     "collect_items",
