@@ -38,6 +38,7 @@ import math
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 from lightbsr.encoder import ENCODER_STAGES
 from lightbsr.validation import check_image_batch
@@ -186,9 +187,7 @@ def _axis_weights(starts: list[int], tile: int, length: int, scale: int, device:
     return [ramp / total[start * scale : start * scale + ramp.numel()] for start, ramp in zip(starts, ramps)]
 
 
-def _check_tiling(model: object, lr: torch.Tensor, tile: int, overlap: int) -> None:
-    if not isinstance(model, TileModel):  # tiling needs the model split at its codes
-        raise TypeError(f"model: expected a lightbsr TileModel (a Student, say), got {type(model).__name__}")
+def _check_tiling(lr: torch.Tensor, tile: int, overlap: int) -> None:
     check_image_batch(lr, "lr")
     height, width = lr.shape[-2:]
     if min(height, width) < MIN_SIDE:
@@ -201,7 +200,7 @@ def _check_tiling(model: object, lr: torch.Tensor, tile: int, overlap: int) -> N
 
 @torch.no_grad()
 def upscale_tiled(
-    model: TileModel,
+    model: TileModel | nn.Module,
     lr: torch.Tensor,
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
@@ -209,9 +208,12 @@ def upscale_tiled(
 ) -> torch.Tensor:
     """LR (B, 3, H, W) in [0, 1] -> SR (B, 3, sH, sW), float (not clamped), computed tile by tile.
 
-    An image no larger than one tile runs in one piece and equals the untiled model.
+    An image no larger than one tile runs in one piece and equals the untiled model. `model` may be
+    typed as a plain module (what checkpoints load as); one that is not a `TileModel` is refused.
     """
-    _check_tiling(model, lr, tile, overlap)
+    if not isinstance(model, TileModel):  # tiling needs the model split at its codes
+        raise TypeError(f"model: expected a lightbsr TileModel (a Student, say), got {type(model).__name__}")
+    _check_tiling(lr, tile, overlap)
     height, width = lr.shape[-2:]
     if height <= tile and width <= tile:
         idr, xk = model.encode_tile(lr)
@@ -238,7 +240,7 @@ def upscale_tiled(
 
 
 def upscale(
-    model: TileModel, image: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP
+    model: TileModel | nn.Module, image: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP
 ) -> torch.Tensor:
     """uint8 (H, W, 3) image -> uint8 (sH, sW, 3) upscaled image, tiled, on `lr_device(model)`."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[-1] != 3:
@@ -252,7 +254,7 @@ def upscale(
 
 def lr_device(model: object) -> torch.device:
     """Where the model wants its inputs: its parameters' device, else its `device` attribute, else the CPU."""
-    if isinstance(model, torch.nn.Module):
+    if isinstance(model, nn.Module):
         first = next(model.parameters(), None)
         if first is not None:
             return first.device
