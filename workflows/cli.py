@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": ("workflows.evaluate", "PSNR/SSIM tables and IDR discriminability"),
     "register": ("workflows.register", "put a trained student into the MLflow model registry"),
     "upscale": ("workflows.upscale", "upscale images with a checkpoint or a registered model"),
+    "export": ("workflows.export", "export a student to ONNX (two graphs for tiled inference)"),
     "pipeline": ("workflows.pipeline", "samples/shards -> teacher -> student -> evaluate -> register"),
 }
 

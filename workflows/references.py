@@ -6,7 +6,8 @@ A model reference is one of
 * an object-store URL (`s3://bucket/key`): a file or a folder with `model.pt`, read through `workflows.storage`
   (the configured endpoint, region and retries);
 * `runs:/<run_id>/<artifact path>`: an MLflow run artifact (file or folder);
-* `models:/<name>@<alias>` or `models:/<name>/<version>`: a model registered by `lightbsr register`.
+* `models:/<name>@<alias>` or `models:/<name>/<version>`: a model registered by `lightbsr register`;
+* for inference only (`load_tile_model`): a local folder written by `lightbsr export --format onnx`.
 
 `resolve` fetches the checkpoint into a work folder and says, for registered models, which version
 the alias pointed at. The MLflow references need the tracking store that holds them: `tracking.uri`,
@@ -26,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lightbsr.checkpoint import MODEL_FILE, CheckpointError, Loaded, checkpoint_file, load_checkpoint
+from lightbsr.tiling import TileModel
 from workflows import storage
 from workflows.config import Config
 from workflows.errors import RuntimeFailure, UsageError
@@ -41,6 +43,7 @@ __all__ = [
     "check_registry",
     "fetch_checkpoint",
     "load_student",
+    "load_tile_model",
     "parse",
     "resolve",
     "tracking_uri",
@@ -147,6 +150,17 @@ def load_student(ref: str, cfg: Config, map_location: str = "cpu") -> Loaded:
     if loaded.role != "student":
         raise CheckpointError(f"{redact(ref)} holds a {loaded.role}; upscaling and evaluation need a student")
     return loaded
+
+
+def load_tile_model(ref: str, cfg: Config, map_location: str = "cpu") -> TileModel:
+    """What `upscale` runs: an ONNX export folder (onnxruntime, on the CPU) or the student behind any reference."""
+    from workflows import onnx_model
+
+    if parse(ref).kind == "path" and onnx_model.is_export(ref.removeprefix("file://")):
+        return onnx_model.OnnxModel(ref.removeprefix("file://"))
+    student = load_student(ref, cfg, map_location).model.to(map_location)
+    assert isinstance(student, TileModel)
+    return student
 
 
 # ---- object stores --------------------------------------------------------------------------

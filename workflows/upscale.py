@@ -86,7 +86,7 @@ def upscale_all(
     """Upscale every image of `src` into `out`; returns the written outputs. Stops at the first bad input."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     jobs = plan_jobs(src, out, cfg)
-    student = references.load_student(model, cfg, map_location=device).model.to(device)
+    student = references.load_tile_model(model, cfg, map_location=device)  # a student or an ONNX export
     written = []
     for job in tqdm(jobs, desc="upscale", unit="image", disable=not progress):
         data = storage.read_bytes(job.source, cfg.storage.s3)

@@ -1,4 +1,4 @@
-"""Tiled inference: shared whole-image codes make tiles agree with the untiled output."""
+"""Tiled inference: an exact tiled encoder, shared whole-image codes, tiles that agree with the untiled output."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ import torch
 
 from lightbsr.images import read_rgb
 from lightbsr.student import Student
-from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, blend_ramp, tile_starts, upscale, upscale_tiled
+from lightbsr.tiling import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    TileModel,
+    blend_ramp,
+    idr_mean_tiled,
+    spatial_code_tiled,
+    tile_starts,
+    upscale,
+    upscale_tiled,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -114,11 +124,45 @@ def test_tiling_without_shared_codes_does_worse(outputs, record_property):
     assert without < with_codes - 3.0
 
 
+def varied_student(scale: int = 4, seed: int = 0) -> Student:
+    """A one-group one-block student with randomised BatchNorm statistics (default ones are the identity,
+    which would hide a wrongly placed normalisation)."""
+    torch.manual_seed(seed)
+    student = Student(scale=scale, n_groups=1, n_blocks=1).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, b in student.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) * 0.1 + 0.05)
+    return student
+
+
+@pytest.mark.parametrize("height,width,tile", [(37, 53, 16), (61, 70, 24), (64, 64, 20), (23, 41, 8), (50, 30, 192)])
+def test_tiled_encoder_gives_the_untiled_codes(height, width, tile):
+    """The channel code from encoder crops of `tile` pixels (plus the halo) and the spatial code of each tile
+    equal the whole image's, sides that are not multiples of 4 included."""
+    student = varied_student()
+    lr = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(height))
+    with torch.no_grad():
+        idr = student.encode(lr)
+        ca, xk = student.generator.convert(idr, (height, width))
+        ca_tiled = student.generator.converter.channel_code_of(idr_mean_tiled(student, lr, tile))
+        torch.testing.assert_close(ca_tiled, ca, rtol=0, atol=1e-5)
+        for y0 in range(0, height, tile):
+            for x0 in range(0, width, tile):
+                rows, cols = (y0, min(y0 + tile, height)), (x0, min(x0 + tile, width))
+                xk_tile = spatial_code_tiled(student, lr, rows, cols)
+                torch.testing.assert_close(xk_tile, xk[..., slice(*rows), slice(*cols)], rtol=0, atol=1e-5)
+    assert xk.abs().max() > 1.0  # codes of a size where 1e-5 is a tight bound
+
+
 def test_tiles_without_overlap_are_the_generator_on_each_crop_with_the_whole_images_codes():
-    """overlap 0: no blending, so each output block must be exactly the generator run on that LR crop
-    with the whole image's channel code and the matching crop of its spatial code (tiles placed by hand:
-    a 56x84 image in tiles of 28 -> 2 x 3 blocks)."""
-    student = Student(scale=3, n_groups=1, n_blocks=1).eval()
+    """overlap 0: no blending, so each output block must be the generator run on that LR crop with the
+    whole image's channel code and the matching crop of its spatial code (tiles placed by hand: a 56x84
+    image in tiles of 28 -> 2 x 3 blocks)."""
+    student = varied_student(scale=3, seed=1)
     lr = torch.rand(1, 3, 56, 84, generator=torch.Generator().manual_seed(1))
     tiled = upscale_tiled(student, lr, tile=28, overlap=0)
     with torch.no_grad():
@@ -126,8 +170,17 @@ def test_tiles_without_overlap_are_the_generator_on_each_crop_with_the_whole_ima
         for y0, y1 in ((0, 28), (28, 56)):
             for x0, x1 in ((0, 28), (28, 56), (56, 84)):
                 block = student.generator.reconstruct(lr[..., y0:y1, x0:x1], ca, xk[..., y0:y1, x0:x1])
-                assert torch.equal(tiled[..., 3 * y0 : 3 * y1, 3 * x0 : 3 * x1], block), (y0, x0)
-        assert not torch.equal(tiled, student(lr))  # the crops really differ from the whole image at the seams
+                torch.testing.assert_close(tiled[..., 3 * y0 : 3 * y1, 3 * x0 : 3 * x1], block, rtol=0, atol=1e-5)
+        assert (tiled - student(lr)).abs().max() > 1e-3  # the crops really differ from the whole image at the seams
+
+
+def test_an_image_that_fits_one_tile_equals_the_untiled_student():
+    """Where it fits, the output is the untiled one; beyond one tile it cannot be (each adaptation block's
+    channel branch pools its own tile), which the PSNR tests above bound."""
+    student = varied_student(seed=2)
+    lr = torch.rand(1, 3, 45, 38, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(upscale_tiled(student, lr, tile=48, overlap=8), student(lr), rtol=0, atol=1e-5)
 
 
 def test_small_tiles_cover_an_odd_image_exactly_once_in_shape():
@@ -140,19 +193,29 @@ def test_small_tiles_cover_an_odd_image_exactly_once_in_shape():
     assert psnr_db(tiled.clamp(0, 1), whole.clamp(0, 1)) > 40.0
 
 
-def test_generator_never_sees_more_than_one_tile(monkeypatch):
+def test_encoder_and_generator_never_see_more_than_a_tile_and_its_halo(monkeypatch):
     student = Student(scale=2, n_groups=1, n_blocks=1).eval()
-    seen = []
-    reconstruct = student.generator.reconstruct
+    encoded, reconstructed = [], []
+    encode_tile, reconstruct_tile = student.encode_tile, student.reconstruct_tile
 
-    def recording(lr, ca, xk):
-        seen.append(tuple(lr.shape[-2:]))
-        return reconstruct(lr, ca, xk)
+    def recording_encode(lr):
+        encoded.append(tuple(lr.shape[-2:]))
+        return encode_tile(lr)
 
-    monkeypatch.setattr(student.generator, "reconstruct", recording)
+    def recording_reconstruct(lr, idr_mean, xk):
+        reconstructed.append(tuple(lr.shape[-2:]))
+        return reconstruct_tile(lr, idr_mean, xk)
+
+    monkeypatch.setattr(student, "encode_tile", recording_encode)
+    monkeypatch.setattr(student, "reconstruct_tile", recording_reconstruct)
     out = upscale_tiled(student, torch.rand(1, 3, 70, 100), tile=32, overlap=8)
     assert out.shape == (1, 3, 140, 200)
-    assert len(seen) == 3 * 4 and all(h <= 32 and w <= 32 for h, w in seen)
+    assert len(reconstructed) == 3 * 4 and all(h <= 32 and w <= 32 for h, w in reconstructed)
+    # xk's 3x3 conv reads the cell of the pixel before and after the tile; each cell needs 11 LR pixels either
+    # side, the crop starting on the stride-4 grid: at most 16 pixels before the tile and 12 after
+    halo = 16 + 12
+    assert max(max(h, w) for h, w in encoded) <= 32 + halo
+    assert isinstance(student, TileModel)
 
 
 def test_uint8_upscale_returns_an_image_of_scaled_size():
@@ -172,6 +235,6 @@ def test_too_small_images_are_rejected_with_their_size(size):
         upscale_tiled(student, torch.rand(1, 3, *size))
 
 
-def test_a_model_that_is_not_a_student_is_refused_with_its_type():
+def test_a_model_that_is_not_a_tile_model_is_refused_with_its_type():
     with pytest.raises(TypeError, match="got Conv2d"):
         upscale_tiled(torch.nn.Conv2d(3, 3, 3), torch.rand(1, 3, 300, 300))
