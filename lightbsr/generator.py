@@ -71,10 +71,18 @@ class IDRConverter(nn.Module):
         self.spatial_code = conv3x3(MAP_CHANNELS, MAP_CHANNELS)
 
     def forward(self, idr: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        ca = F.gelu(self.channel_code(idr.mean(dim=(2, 3))))  # (B, 128, h, w) -> (B, 48)
+        return self.channel_code_of(idr.mean(dim=(2, 3))), self.spatial_code_of(idr, size)
+
+    def channel_code_of(self, idr_mean: torch.Tensor) -> torch.Tensor:
+        """The IDR averaged over the image (B, 128) -> ca (B, 48)."""
+        return F.gelu(self.channel_code(idr_mean))
+
+    def spatial_code_of(self, idr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """IDR (B, 128, h, w) -> xk (B, 8, *size); each pixel needs only the IDR cells around it, so a crop
+        of the IDR gives the matching crop of xk away from the crop's edges (tiling relies on this)."""
         xk = F.pixel_shuffle(idr, 4)  # (B, 128, h, w) -> (B, 8, 4h, 4w)
         xk = fit_to_size(xk, *size)  # -> (B, 8, H, W)
-        return ca, F.gelu(self.spatial_code(xk))
+        return F.gelu(self.spatial_code(xk))
 
 
 class CodeRefinement(nn.Module):

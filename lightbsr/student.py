@@ -29,6 +29,15 @@ class Student(nn.Module):
         check_image_batch(lr, "lr")
         return self.encoder(lr)
 
+    def encode_tile(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LR crop -> (its IDR, its spatial code xk (B, 8, H, W)): `lightbsr.tiling.TileModel`."""
+        idr = self.encode(lr)
+        return idr, self.generator.converter.spatial_code_of(idr, (lr.shape[-2], lr.shape[-1]))
+
+    def reconstruct_tile(self, lr: torch.Tensor, idr_mean: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
+        """LR tile, the whole image's mean IDR (B, 128) and the tile's xk -> SR tile: `lightbsr.tiling.TileModel`."""
+        return self.generator.reconstruct(lr, self.generator.converter.channel_code_of(idr_mean), xk)
+
     def forward(
         self, lr: torch.Tensor, return_codes: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
