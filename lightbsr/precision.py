@@ -1,8 +1,8 @@
 """Inference in fp32, bf16 or fp16: `prepare(student, precision, device)` -> a model tiling can run.
 
-The prepared model offers what tiled inference calls on a student (`scale`, `encode(lr)`,
-`generator.convert(idr, size)`, `generator.reconstruct(lr, ca, xk)`, `model(lr)`), with float32
-tensors in and out at every one of those boundaries; only the inside runs in the chosen precision.
+The prepared model is a `lightbsr.tiling.TileModel` (`scale`, `encode_tile`, `reconstruct_tile`)
+and a module (`model(lr)` runs it untiled), with float32 tensors in and out at every boundary;
+only the inside runs in the chosen precision.
 
 * CPU: a copy of the student with its weights pre-cast to the low dtype, in channels_last, so the
   convs and linears reach oneDNN's bf16 kernels (AMX on Sapphire Rapids) without a cast per call.
@@ -12,12 +12,13 @@ Precision choices, on purpose:
 * The first layers (mean shift, head conv) and the last (to_rgb conv, mean shift) stay float32
   ("islands"): bf16 keeps 8 bits of mantissa, so rounding the input picture or the output pixels
   to bf16 alone would cost up to half an 8-bit level; these layers hold ~1% of the MACs.
-* The codes at the tiling boundary are float32: the encoder runs in the low precision but returns
-  its IDR as float32, and the IDR converter (a mean over the whole image, one small linear and one
-  8-channel conv) runs in float32, so every tile gets the same float32 `ca` and crop of `xk`, and
-  the global mean is not rounded to 8 bits. Each tile then casts its codes to the low dtype.
+* The codes at the tiling boundary are float32: the encoder's convs run in the low precision but
+  its IDR leaves as float32, tiling sums it into the image's mean IDR (in float64), and the IDR
+  converter (one small linear for `ca`, one 8-channel conv for `xk`) runs in float32; so every
+  tile gets the same float32 `ca` and the exact crop of `xk`, and the global mean is not rounded
+  to 8 bits. The generator casts the codes to the low dtype at its entry.
 
-NaN/inf never leave a prepared model: a low-precision call (encode or reconstruct) whose result
+NaN/inf never leave a prepared model: a low-precision call (encoder or generator) whose result
 is not finite is run again in float32 for that call, with a `NonFiniteFallbackWarning`, and
 counted in `model.fallbacks`; a float32 result that is not finite raises `FloatingPointError`.
 """
@@ -80,21 +81,9 @@ def low_precision_copy(student: Student, dtype: torch.dtype, cast_weights: bool)
     return low
 
 
-class _GeneratorFace:
-    """The `generator.convert` / `generator.reconstruct` pair tiling calls, routed to the prepared model."""
-
-    def __init__(self, owner: PreparedStudent) -> None:
-        self._owner = owner
-
-    def convert(self, idr: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._owner.convert(idr, size)
-
-    def reconstruct(self, lr: torch.Tensor, ca: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
-        return self._owner.reconstruct(lr, ca, xk)
-
-
 class PreparedStudent(nn.Module):
-    """A student ready for inference in one precision on one device; float32 at every boundary.
+    """A student ready for inference in one precision on one device, as a `lightbsr.tiling.TileModel`;
+    float32 tensors at every boundary.
 
     Build it with `prepare`. `fallbacks` counts the calls that had to be rerun in float32.
     """
@@ -112,29 +101,29 @@ class PreparedStudent(nn.Module):
             if precision == "fp32"
             else low_precision_copy(self.fp32, self.dtype, cast_weights=not self.autocast).to(device)
         )
-        self.generator = _GeneratorFace(self)
         self.fallbacks = 0
 
-    def encode(self, lr: torch.Tensor) -> torch.Tensor:
-        """LR (float32) -> spatial IDR (float32), the encoder run in the model's precision."""
-        return self._checked("encode", lambda model, dtype: model.encode(lr.to(dtype)))
+    def encode_tile(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LR crop -> (IDR, xk), both float32: the encoder in the model's precision, xk's conv in float32."""
+        idr = self._checked("encoder", lambda model, dtype: model.encode(lr.to(dtype)))
+        with torch.no_grad():
+            return idr, self.fp32.generator.converter.spatial_code_of(idr, (lr.shape[-2], lr.shape[-1]))
 
-    @torch.no_grad()
-    def convert(self, idr: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """IDR -> (ca, xk), always in float32: the codes every tile shares (see the module docstring)."""
-        return self.fp32.generator.convert(idr.float(), size)
+    def reconstruct_tile(self, lr: torch.Tensor, idr_mean: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
+        """LR tile, the image's mean IDR and the tile's xk (float32) -> SR tile (float32).
 
-    def reconstruct(self, lr: torch.Tensor, ca: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
-        """LR tile and its codes (float32) -> SR tile (float32), the generator run in the model's precision."""
+        The channel code comes from the mean IDR in float32; the generator runs in the model's precision.
+        """
+        with torch.no_grad():
+            ca = self.fp32.generator.converter.channel_code_of(idr_mean.float())
         return self._checked(
-            "reconstruct", lambda model, dtype: model.generator.reconstruct(lr.float(), ca.to(dtype), xk.to(dtype))
+            "generator", lambda model, dtype: model.generator.reconstruct(lr.float(), ca.to(dtype), xk.to(dtype))
         )
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         """LR (B, 3, H, W) float32 -> SR float32, untiled."""
-        height, width = lr.shape[-2:]
-        ca, xk = self.convert(self.encode(lr), (height, width))
-        return self.reconstruct(lr, ca, xk)
+        idr, xk = self.encode_tile(lr)
+        return self.reconstruct_tile(lr, idr.mean(dim=(2, 3)), xk)
 
     @torch.no_grad()
     def _checked(self, what: str, call: Callable[[Student, torch.dtype], torch.Tensor]) -> torch.Tensor:

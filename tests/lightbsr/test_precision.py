@@ -12,11 +12,13 @@ from lightbsr.images import read_rgb
 from lightbsr.metrics import psnr
 from lightbsr.precision import NonFiniteFallbackWarning, parse_precision, prepare
 from lightbsr.student import Student
+from lightbsr.tiling import upscale_tiled
 
 pytestmark = pytest.mark.unit
 
 SCALE = 4
 HR_SIZE = 128  # LR 32x32 crops: small, but every layer of the network sees real picture content
+TILE, OVERLAP = 20, 8  # 2x2 tiles on a 32x32 LR: the tiled path, shared codes and blending included
 
 
 def busy_student(seed: int = 0) -> Student:
@@ -49,10 +51,13 @@ def eval_pairs(sample_images) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def outputs(eval_pairs) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """name -> (fp32 SR, bf16 SR, HR) from one busy student."""
+    """name -> (fp32 SR, bf16 SR, HR) from one busy student, tiled."""
     student = busy_student()
     fp32, bf16 = prepare(student, "fp32"), prepare(student, "bf16")
-    return {name: (fp32(lr), bf16(lr), hr) for name, lr, hr in eval_pairs}
+    return {
+        name: (upscale_tiled(fp32, lr, TILE, OVERLAP), upscale_tiled(bf16, lr, TILE, OVERLAP), hr)
+        for name, lr, hr in eval_pairs
+    }
 
 
 def test_bf16_output_is_within_45_db_of_fp32_on_every_sample_photograph(outputs, record_property):
@@ -69,26 +74,24 @@ def test_bf16_y_psnr_against_hr_is_within_0_02_db_of_fp32(outputs, record_proper
         assert abs(gap) <= 0.02, f"{name}: Y-PSNR moved by {gap:+.4f} dB in bf16"
 
 
-def test_tiling_boundary_is_float32_and_the_codes_are_the_fp32_converters(eval_pairs):
+def test_tiling_boundary_is_float32_and_the_codes_come_from_the_fp32_converter(eval_pairs):
     student = busy_student()
     model = prepare(student, "bf16")
     lr = eval_pairs[0][1]
-    idr = model.encode(lr)
-    ca, xk = model.generator.convert(idr, lr.shape[-2:])
-    sr = model.generator.reconstruct(lr, ca, xk)
-    assert (idr.dtype, ca.dtype, xk.dtype, sr.dtype) == (torch.float32,) * 4
+    idr, xk = model.encode_tile(lr)
+    sr = model.reconstruct_tile(lr, idr.mean(dim=(2, 3)), xk)
+    assert (idr.dtype, xk.dtype, sr.dtype) == (torch.float32,) * 3
     with torch.no_grad():
-        want_ca, want_xk = student.generator.convert(idr, lr.shape[-2:])
-    assert torch.equal(ca, want_ca) and torch.equal(xk, want_xk)
+        want_xk = student.generator.converter.spatial_code_of(idr, (lr.shape[-2], lr.shape[-1]))
+    assert torch.equal(xk, want_xk)
     assert model.scale == SCALE and sr.shape[-2:] == (SCALE * lr.shape[-2], SCALE * lr.shape[-1])
 
 
 def test_fp32_preparation_changes_no_number(eval_pairs):
     student = busy_student()
     lr = eval_pairs[1][1]
-    with torch.no_grad():
-        want = student(lr)
-    assert torch.equal(prepare(student, "fp32")(lr), want)
+    want = upscale_tiled(student, lr, TILE, OVERLAP)
+    assert torch.equal(upscale_tiled(prepare(student, "fp32"), lr, TILE, OVERLAP), want)
 
 
 def test_fp16_overflow_falls_back_to_fp32_with_a_warning(eval_pairs):
@@ -99,12 +102,12 @@ def test_fp16_overflow_falls_back_to_fp32_with_a_warning(eval_pairs):
     model = prepare(student, "fp16")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sr = model(lr)
-    assert [w.category for w in caught] == [NonFiniteFallbackWarning]
-    assert "fp16" in str(caught[0].message) and model.fallbacks == 1
+        sr = upscale_tiled(model, lr, TILE, OVERLAP)
+    assert {w.category for w in caught} == {NonFiniteFallbackWarning}
+    assert "generator: fp16 produced NaN or inf" in str(caught[0].message)
+    assert model.fallbacks == len(caught) == 4  # one per tile
     assert bool(torch.isfinite(sr).all())
-    with torch.no_grad():
-        ref = student(lr)
+    ref = upscale_tiled(student, lr, TILE, OVERLAP)
     assert float((sr - ref).abs().max() / ref.abs().max()) < 1e-3  # the generator ran in fp32
 
 
