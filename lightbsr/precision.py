@@ -72,7 +72,7 @@ def low_precision_copy(student: Student, dtype: torch.dtype, cast_weights: bool)
     low = copy.deepcopy(student).eval()
     if cast_weights:
         low = low.to(dtype)
-    low = low.to(memory_format=torch.channels_last)
+    low = low.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # documented; not in the stubs
     kept = student.generator  # islands from the float32 originals: no round trip through the low dtype
     low.generator.sub_mean = Float32Island(copy.deepcopy(kept.sub_mean), torch.float32)
     low.generator.head = Float32Island(copy.deepcopy(kept.head), dtype)  # the groups start in the low dtype

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lightbsr.checkpoint import CheckpointError
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError, read_rgb
+from lightbsr.precision import PRECISIONS, prepare
 from lightbsr.tiling import MIN_SIDE, upscale
 from workflows import preflight, references, storage
 from workflows.cli import run
@@ -109,7 +110,7 @@ def upscale_all(
     """Upscale every image of `src` into `out`; returns the written outputs. Stops at the first bad input."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     jobs = plan_jobs(src, out, cfg)
-    student = references.load_student(model, cfg, map_location=device).model.to(device)
+    student = prepare(references.load_student(model, cfg, map_location=device).model, cfg.evaluate.precision, device)
     written = []
     for job in tqdm(jobs, desc="upscale", unit="image", disable=not progress):
         data = storage.read_bytes(job.source, cfg.storage.s3)
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--tile", type=int, help="LR tile side (default: evaluate.tile)")
     parser.add_argument("--overlap", type=int, help="LR overlap between tiles (default: evaluate.overlap)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="fp32, bf16 or fp16 (default: evaluate.precision)")
     add_config_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     overrides += [f"evaluate.tile={args.tile}"] if args.tile else []
     overrides += [f"evaluate.overlap={args.overlap}"] if args.overlap is not None else []
+    overrides += [f"evaluate.precision={args.precision}"] if args.precision else []
     cfg = load_config(args.config, overrides)
     preflight.check(cfg, skip=preflight_skips(args.model))
     try:
