@@ -146,7 +146,7 @@ class PreparedStudent(nn.Module):
 
 
 def prepare(
-    student: Student, precision: Precision | str = "fp32", device: torch.device | str = "cpu"
+    student: nn.Module, precision: Precision | str = "fp32", device: torch.device | str = "cpu"
 ) -> PreparedStudent:
     """The student (moved to `device`, eval mode) ready for tiled inference in `precision`.
 
