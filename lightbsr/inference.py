@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from lightbsr.images import ImageError, Picture, decode_picture, encode_picture
-from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, MIN_SIDE, upscale_tiled
+from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, MIN_SIDE, TileModel, upscale_tiled
 
 __all__ = ["OUTPUT_FORMATS", "output_format", "upscale_bytes", "upscale_picture"]
 
@@ -39,13 +39,14 @@ def output_format(picture: Picture, name: str, requested: str | None = None) -> 
     return fmt
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
+def _device(model: TileModel) -> torch.device:
+    """A torch model's device; models that are not torch modules (an ONNX runner) take CPU tensors."""
+    parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def upscale_picture(
-    model: torch.nn.Module, picture: Picture, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP
+    model: TileModel, picture: Picture, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP
 ) -> Picture:
     """The upscaled picture: RGB through the tiled model (`lightbsr.tiling.upscale_tiled`, on the model's
     device), clamped to [0, 1]; alpha by Pillow's bicubic (a = -0.5) in float; gray, bits and format kept."""
@@ -66,7 +67,7 @@ def _resize(channel: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def upscale_bytes(
-    model: torch.nn.Module,
+    model: TileModel,
     data: bytes,
     name: str,
     fmt: str | None = None,

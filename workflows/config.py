@@ -171,6 +171,9 @@ class EvalConfig(_Strict):
     protocols: list[str] = Field(default_factory=lambda: ["iso_x4"])
     tile: int = Field(192, ge=16, description="LR tile side for tiled inference (lightbsr.tiling.DEFAULT_TILE)")
     overlap: int = Field(32, ge=0, description="LR pixels of overlap between tiles (lightbsr.tiling.DEFAULT_OVERLAP)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="inference precision (lightbsr.precision.prepare); tensors stay float32 at the edges"
+    )
     batch_size: int = Field(1, ge=1)
     actors: int = Field(2, ge=1, description="Ray Data actor pool size for scoring (at most one per GPU)")
     samples: bool = Field(True, description="also score data.eval_images, as the set 'samples'")

@@ -31,6 +31,7 @@ from lightbsr.degrade import bicubic_upsample, degrade, kernel_pca_basis
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError, decode_picture
 from lightbsr.macs import count_parameters
 from lightbsr.metrics import psnr, ssim
+from lightbsr.precision import PRECISIONS, prepare
 from lightbsr.protocols import DegradationCase, get_protocol
 from lightbsr.student import Student
 from lightbsr.teacher import Teacher
@@ -188,13 +189,22 @@ class Scorer:
     Also called directly for `--local`, so both paths run exactly the same arithmetic.
     """
 
-    def __init__(self, checkpoint: bytes, tile: int, overlap: int, crop: int | None = None, device: str | None = None):
+    def __init__(
+        self,
+        checkpoint: bytes,
+        tile: int,
+        overlap: int,
+        crop: int | None = None,
+        device: str | None = None,
+        precision: str = "fp32",
+    ):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         with tempfile.TemporaryDirectory(prefix="lightbsr-scorer-") as folder:
             path = Path(folder, "model.pt")
             path.write_bytes(checkpoint)
             self.loaded = load_checkpoint(path, map_location=self.device)
         self.student = self.loaded.model.to(self.device)
+        self.model = prepare(self.student, precision, self.device)  # what scores; float32 in and out
         self.tile, self.overlap, self.crop = tile, overlap, crop
 
     def score(self, item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -211,7 +221,7 @@ class Scorer:
         for case in protocol.cases:
             hr, lr = protocol.make_pair(image, case, key)  # (1, 3, H, W), (1, 3, H/s, W/s)
             with torch.no_grad():
-                sr = upscale_tiled(self.student, lr.to(self.device), self.tile, self.overlap).cpu()
+                sr = upscale_tiled(self.model, lr.to(self.device), self.tile, self.overlap).cpu()
             base = bicubic_upsample(lr, protocol.scale)
             s = protocol.scale
             rows.append(
@@ -261,6 +271,7 @@ def score_with_ray(items: list[dict[str, Any]], checkpoint: bytes, cfg: Config) 
             "overlap": cfg.evaluate.overlap,
             "crop": cfg.evaluate.crop,
             "device": "cuda" if use_gpu else "cpu",
+            "precision": cfg.evaluate.precision,
         },
         batch_size=cfg.evaluate.batch_size,
         batch_format="numpy",
@@ -587,7 +598,9 @@ def _load_models(model_ref: str, teacher_ref: str | None, cfg: Config) -> tuple[
             if checkpoint_file.is_dir():
                 checkpoint_file = checkpoint_file / "model.pt"
             checkpoint = checkpoint_file.read_bytes()
-            scorer = Scorer(checkpoint, cfg.evaluate.tile, cfg.evaluate.overlap, cfg.evaluate.crop, device="cpu")
+            scorer = Scorer(
+                checkpoint, cfg.evaluate.tile, cfg.evaluate.overlap, cfg.evaluate.crop, "cpu", cfg.evaluate.precision
+            )
             if scorer.loaded.role != "student":
                 raise CheckpointError(f"{model_ref} holds a {scorer.loaded.role}; the tables score a student")
             teacher = None
@@ -647,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local", action="store_true", help="score in this process instead of Ray Data")
     parser.add_argument("--no-idr", action="store_true", help="skip the IDR discriminability probe")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--precision", choices=PRECISIONS, help="fp32, bf16 or fp16 (default: evaluate.precision)")
     add_config_arguments(parser)
     return parser
 
@@ -663,6 +677,7 @@ def _unread_keys(cfg: Config) -> set[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = [*args.overrides, *([f"data.benchmarks={args.benchmarks}"] if args.benchmarks else [])]
+    overrides += [f"evaluate.precision={args.precision}"] if args.precision else []
     cfg = load_config(args.config, overrides)
     preflight.check(cfg, skip=_unread_keys(cfg))
     result = evaluate_model(

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lightbsr.checkpoint import MODEL_FILE, CheckpointError, Loaded, checkpoint_file, load_checkpoint
+from lightbsr.precision import prepare
 from lightbsr.tiling import TileModel
 from workflows import storage
 from workflows.config import Config
@@ -152,15 +153,16 @@ def load_student(ref: str, cfg: Config, map_location: str = "cpu") -> Loaded:
     return loaded
 
 
-def load_tile_model(ref: str, cfg: Config, map_location: str = "cpu") -> TileModel:
-    """What `upscale` runs: an ONNX export folder (onnxruntime, on the CPU) or the student behind any reference."""
+def load_tile_model(ref: str, cfg: Config, map_location: str = "cpu", precision: str = "fp32") -> TileModel:
+    """What `upscale` runs: an ONNX export folder (onnxruntime, on the CPU, fp32) or the student behind any
+    reference, prepared for `precision` (`lightbsr.precision.prepare`)."""
     from workflows import onnx_model
 
     if parse(ref).kind == "path" and onnx_model.is_export(ref.removeprefix("file://")):
+        if precision != "fp32":
+            raise ModelReferenceError(f"{redact(ref)} is an ONNX export, which runs in fp32; got precision {precision}")
         return onnx_model.OnnxModel(ref.removeprefix("file://"))
-    student = load_student(ref, cfg, map_location).model.to(map_location)
-    assert isinstance(student, TileModel)
-    return student
+    return prepare(load_student(ref, cfg, map_location).model, precision, map_location)
 
 
 # ---- object stores --------------------------------------------------------------------------

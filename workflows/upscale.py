@@ -23,6 +23,7 @@ from tqdm import tqdm
 from lightbsr.checkpoint import CheckpointError
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError
 from lightbsr.inference import upscale_bytes
+from lightbsr.precision import PRECISIONS
 from workflows import preflight, references, storage
 from workflows.cli import run
 from workflows.config import Config, add_config_arguments, load_config
@@ -86,7 +87,7 @@ def upscale_all(
     """Upscale every image of `src` into `out`; returns the written outputs. Stops at the first bad input."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     jobs = plan_jobs(src, out, cfg)
-    student = references.load_tile_model(model, cfg, map_location=device)  # a student or an ONNX export
+    student = references.load_tile_model(model, cfg, device, cfg.evaluate.precision)  # a student or an ONNX export
     written = []
     for job in tqdm(jobs, desc="upscale", unit="image", disable=not progress):
         data = storage.read_bytes(job.source, cfg.storage.s3)
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--tile", type=int, help="LR tile side (default: evaluate.tile)")
     parser.add_argument("--overlap", type=int, help="LR overlap between tiles (default: evaluate.overlap)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="fp32, bf16 or fp16 (default: evaluate.precision)")
     add_config_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     overrides += [f"evaluate.tile={args.tile}"] if args.tile else []
     overrides += [f"evaluate.overlap={args.overlap}"] if args.overlap is not None else []
+    overrides += [f"evaluate.precision={args.precision}"] if args.precision else []
     cfg = load_config(args.config, overrides)
     preflight.check(cfg, skip=preflight_skips(args.model))
     try:
