@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": ("workflows.evaluate", "PSNR/SSIM tables and IDR discriminability"),
     "register": ("workflows.register", "put a trained student into the MLflow model registry"),
     "upscale": ("workflows.upscale", "upscale images with a checkpoint or a registered model"),
+    "serve": ("workflows.serve", "an HTTP upscaling endpoint on Ray Serve for a registered model"),
     "pipeline": ("workflows.pipeline", "samples/shards -> teacher -> student -> evaluate -> register"),
 }
 
