@@ -18,8 +18,6 @@ Also runnable as `serve run workflows.serve:build_app model=models:/NAME@ALIAS [
 the `import_path` of a `serve deploy` config, or as `python -m workflows.serve` under `ray job submit`.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import io
@@ -33,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from mlflow.exceptions import MlflowException
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
+from mlflow.exceptions import MlflowException
 from PIL import Image, UnidentifiedImageError
 from ray import serve
 from ray.serve import Application
@@ -93,6 +91,17 @@ def _version_tags(cfg: Config, reference: str, version: RegistryVersion | None) 
 
     uri = references.tracking_uri(cfg, reference)
     return dict(MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(version.name, version.version).tags)
+
+
+def _use_registry_of(reference: str, cfg: Config) -> None:
+    """Point this process's MLflow at the reference's registry: a replica starts without MLFLOW_TRACKING_URI,
+    and MLflow resolves `models:/` downloads against the process-wide registry URI."""
+    if references.parse(reference).kind in ("model", "run"):
+        import mlflow
+
+        uri = references.tracking_uri(cfg, reference)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
 
 
 def load_served_model(reference: str, cfg: Config, device: str) -> ServedModel:
@@ -191,12 +200,13 @@ class Upscaler:
     """One replica: the model, a batch queue and a thread that follows the alias."""
 
     def __init__(self, reference: str, cfg: Config):
+        self._stop = threading.Event()
         self.reference, self.cfg = reference, cfg
+        _use_registry_of(reference, cfg)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.served = load_served_model(reference, cfg, self.device)
         self._upscale_batch.set_max_batch_size(cfg.serve.max_batch_size)
         self._upscale_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
-        self._stop = threading.Event()
         if references.parse(reference).alias is not None:
             threading.Thread(target=self._follow_alias, name="lightbsr-alias-watch", daemon=True).start()
 
