@@ -28,7 +28,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from fastapi import FastAPI, Query, Request
@@ -205,8 +205,9 @@ class Upscaler:
         _use_registry_of(reference, cfg)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.served = load_served_model(reference, cfg, self.device)
-        self._upscale_batch.set_max_batch_size(cfg.serve.max_batch_size)
-        self._upscale_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        batcher = cast(Any, self._upscale_batch)  # @serve.batch adds the setters
+        batcher.set_max_batch_size(cfg.serve.max_batch_size)
+        batcher.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         if references.parse(reference).alias is not None:
             threading.Thread(target=self._follow_alias, name="lightbsr-alias-watch", daemon=True).start()
 
@@ -258,26 +259,26 @@ class Upscaler:
             return _error(400, f"overlap ({job.overlap}) must be smaller than tile ({job.tile})")
         if precision not in PRECISIONS:
             return _error(400, f"precision {precision!r} is not available (choose from {', '.join(PRECISIONS)})")
-        result = await self._upscale_batch(job)
+        result, version = await self._upscale_batch(job)
         if isinstance(result, ImageError):
             return _error(400, f"not a usable image: {result.reason}: {result.detail}")
-        return Response(
-            content=result, media_type="image/png", headers={"X-Model-Version": str(self.healthz()["version"])}
-        )
+        return Response(content=result, media_type="image/png", headers={"X-Model-Version": str(version)})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _upscale_batch(self, jobs: list[Job]) -> list[bytes | ImageError]:
-        """Requests that arrive together run as one call in a worker thread (the event loop stays free)."""
+    async def _upscale_batch(self, jobs: list[Job]) -> list[tuple[bytes | ImageError, str | None]]:
+        """Requests that arrive together run as one call in a worker thread (the event loop stays free),
+        all on the model served when the batch starts; each result says which version made it."""
         return await asyncio.to_thread(self._run_jobs, jobs, self.served)
 
-    def _run_jobs(self, jobs: list[Job], served: ServedModel) -> list[bytes | ImageError]:
-        results: list[bytes | ImageError] = []
+    def _run_jobs(self, jobs: list[Job], served: ServedModel) -> list[tuple[bytes | ImageError, str | None]]:
+        version = served.registry.version if served.registry else None
+        results: list[tuple[bytes | ImageError, str | None]] = []
         for job in jobs:
             try:
                 model = prepare_for_precision(served, job.precision)
-                results.append(upscale_image_bytes(model, job.data, "request body", job.tile, job.overlap))
+                results.append((upscale_image_bytes(model, job.data, "request body", job.tile, job.overlap), version))
             except ImageError as error:
-                results.append(error)
+                results.append((error, version))
         return results
 
 
@@ -289,15 +290,19 @@ def make_app(reference: str, cfg: Config) -> Application:
     from workflows.runtime import worker_env
 
     references.parse(reference)  # a malformed reference fails here, not in every replica
-    return Upscaler.options(
-        num_replicas=cfg.serve.replicas,
-        max_ongoing_requests=cfg.serve.max_ongoing_requests,
-        ray_actor_options={
-            "num_cpus": cfg.serve.cpus_per_replica,
-            "num_gpus": cfg.serve.gpus_per_replica,
-            "runtime_env": {"env_vars": worker_env()},
-        },
-    ).bind(reference, cfg)
+    return (
+        cast(serve.Deployment, Upscaler)
+        .options(
+            num_replicas=cfg.serve.replicas,
+            max_ongoing_requests=cfg.serve.max_ongoing_requests,
+            ray_actor_options={
+                "num_cpus": cfg.serve.cpus_per_replica,
+                "num_gpus": cfg.serve.gpus_per_replica,
+                "runtime_env": {"env_vars": worker_env()},
+            },
+        )
+        .bind(reference, cfg)
+    )
 
 
 def build_app(args: dict[str, str]) -> Application:

@@ -59,7 +59,7 @@ def overrides(mlflow_server) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_local, overrides, tmp_path_factory):
+def endpoint(overrides, ray_local, tmp_path_factory):
     """(base URL, config, checkpoint folder): one Serve app for the module, deleted at the end."""
     from ray import serve
 
