@@ -225,6 +225,9 @@ def bench_mlflow_serve(uri: str, images: list[np.ndarray], args: argparse.Namesp
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
+    from workflows.runtime import set_quiet_env
+
+    set_quiet_env()
     folder = Path(args.samples).expanduser()
     extract_samples(folder)
     images = photographs(folder)
