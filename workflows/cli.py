@@ -19,6 +19,7 @@ COMMANDS = {
     "register": ("workflows.register", "put a trained student into the MLflow model registry"),
     "upscale": ("workflows.upscale", "upscale images with a checkpoint or a registered model"),
     "export": ("workflows.export", "export a student to ONNX (two graphs for tiled inference)"),
+    "serve": ("workflows.serve", "an HTTP upscaling endpoint on Ray Serve for a registered model"),
     "pipeline": ("workflows.pipeline", "samples/shards -> teacher -> student -> evaluate -> register"),
 }
 

@@ -184,6 +184,25 @@ class EvalConfig(_Strict):
     idr_patch: int = Field(192, ge=32, description="HR side of those patches (LR = idr_patch / scale)")
 
 
+class ServeConfig(_Strict):
+    """`lightbsr serve`: the Ray Serve deployment, its limits and its alias watch."""
+
+    replicas: int = Field(1, ge=1, description="replicas of the deployment")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0 = CPU inference)")
+    host: str = Field("127.0.0.1", description="address the HTTP proxy binds (0.0.0.0 to accept other machines)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy")
+    route_prefix: str = Field("/", pattern=r"^/", description="where the app's routes start")
+    max_request_bytes: int = Field(32 * 2**20, ge=1, description="larger request bodies get 413")
+    max_pixels: int = Field(4 * 2**20, ge=1, description="input images with more pixels get 413")
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch: requests handled together")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: wait this long to fill a batch")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests a replica holds at once; more are queued")
+    reload_interval_s: float = Field(
+        30.0, gt=0, description="how often each replica checks where the alias points (reloads when it moved)"
+    )
+
+
 class Config(_Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -195,6 +214,7 @@ class Config(_Strict):
     ray: RayConfig = RayConfig()
     tune: TuneConfig = TuneConfig()
     evaluate: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

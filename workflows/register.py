@@ -21,13 +21,12 @@ import numpy as np
 
 from lightbsr.checkpoint import CheckpointError, save_checkpoint
 from lightbsr.macs import count_parameters
-from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from workflows import preflight
 from workflows.cli import run
 from workflows.config import Config, add_config_arguments, load_config
 from workflows.errors import UsageError
 from workflows.references import check_registry, load_student, resolve
-from workflows.serving import CHECKPOINT_ARTIFACT, LightBSRModel
+from workflows.serving import CHECKPOINT_ARTIFACT, LightBSRModel, signature
 from workflows.urls import redact, redact_text
 
 __all__ = ["main", "register_checkpoint", "serving_code_paths"]
@@ -82,15 +81,6 @@ def _psnr_tags(table_csv: Path) -> dict[str, str]:
     return tags
 
 
-def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
-
-    images = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])
-    params = ParamSchema([ParamSpec("tile", "long", DEFAULT_TILE), ParamSpec("overlap", "long", DEFAULT_OVERLAP)])
-    return ModelSignature(inputs=images, outputs=images, params=params)
-
-
 def register_checkpoint(
     checkpoint: str, cfg: Config, alias: str | None = None, eval_table: str | None = None
 ) -> tuple[str, str]:
@@ -139,7 +129,7 @@ def register_checkpoint(
                 name="model",
                 python_model=LightBSRModel(),
                 artifacts=artifacts,
-                signature=_signature(),
+                signature=signature(),
                 input_example=example,
                 pip_requirements=_pinned_requirements(),
                 registered_model_name=name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from lightbsr.checkpoint import save_checkpoint
 from lightbsr.images import read_rgb
 from lightbsr.student import Student
 from lightbsr.tiling import upscale
-from tests.fixtures.mlflow_server import free_port
+from tests.fixtures.mlflow_server import free_port, stop_process, wait_http
 from tests.fixtures.paths import REPO
 from workflows.cli import run
 from workflows.config import load_config
@@ -183,8 +184,9 @@ def test_registered_version_carries_tags_alias_signature_and_artifacts(registere
     from mlflow.models import get_model_info
 
     info = get_model_info(f"models:/{name}/{version}")
-    inputs = json.loads(info.signature.to_dict()["inputs"])
-    assert inputs[0]["tensor-spec"] == {"dtype": "uint8", "shape": [-1, -1, -1, 3]}
+    outputs = json.loads(info.signature.to_dict()["outputs"])
+    assert outputs[0]["tensor-spec"] == {"dtype": "uint8", "shape": [-1, -1, -1, 3]}
+    assert info.signature.inputs is None  # no schema: MLflow would cast float JSON to uint8 before predict
     assert (model_file.parent / "table.csv").is_file()  # the evaluation table travels with the model
 
 
@@ -270,3 +272,63 @@ def test_an_alias_resolves_to_its_version_and_a_run_artifact_to_its_file(registe
     assert fetched.file.name == "model.pt" and fetched.file.read_bytes() == (checkpoint / "model.pt").read_bytes()
     with pytest.raises(RegistryError, match="cannot be fetched"):
         resolve(f"runs:/{run_id}/no-such-artifact", cfg, tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def pyfunc_server(registered, tmp_path_factory):
+    """`mlflow models serve` of the champion (the registered pyfunc as its users serve it), in this venv."""
+    cfg, name, _ = registered
+    port = free_port()
+    log = tmp_path_factory.mktemp("pyfunc-serve") / "server.log"
+    command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{name}@champion"]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)]
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(
+            command, cwd=REPO, env={**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri}, stdout=handle, stderr=handle
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=180, proc=proc)
+    except (RuntimeError, TimeoutError) as error:
+        stop_process(proc)
+        raise RuntimeError(f"mlflow models serve failed; log:\n{log.read_text()[-3000:]}") from error
+    yield f"http://127.0.0.1:{port}"
+    stop_process(proc)
+
+
+@pytest.mark.e2e
+def test_served_pyfunc_takes_an_hw3_image_and_refuses_float_json_with_a_short_error(pyfunc_server, photo):
+    import requests
+
+    crop = photo[:20, :24]  # (20, 24, 3): one image, no batch axis, as JSON integers
+    answer = requests.post(f"{pyfunc_server}/invocations", json={"inputs": crop.tolist()}, timeout=120)
+    assert answer.status_code == 200, answer.text[-2000:]
+    direct = upscale(small_student(), torch.from_numpy(crop)).numpy()
+    assert np.array_equal(np.asarray(answer.json()["predictions"], np.uint8), direct)
+    floats = (crop[None] / 255.0).tolist()  # an image in [0, 1]: used to come back black with 200 OK
+    refused = requests.post(f"{pyfunc_server}/invocations", json={"inputs": floats}, timeout=120)
+    assert refused.status_code == 400
+    assert "expected uint8 pixel values 0..255, got float64" in refused.text
+    assert f"{floats[0][0][0][0]!r}" not in refused.text and len(refused.text) < 5000  # no array dump
+
+
+@pytest.mark.parametrize(
+    "images,named",
+    [
+        (np.full((1, 8, 8, 3), 0.5), "got float64"),
+        (np.full((8, 8, 3), 300, np.int64), "values from 300 to 300"),
+        (np.zeros((8, 8), np.uint8), "got shape (8, 8)"),
+    ],
+)
+def test_pyfunc_input_check_names_dtype_range_or_shape(images, named):
+    from workflows.serving import checked_images
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        checked_images(images)
+
+
+def test_pyfunc_input_check_takes_integer_pixels_as_uint8():
+    from workflows.serving import checked_images
+
+    pixels = np.arange(4 * 4 * 3, dtype=np.int64).reshape(4, 4, 3) * 5  # 0..235, as JSON numbers arrive
+    checked = checked_images(pixels)
+    assert checked.dtype == np.uint8 and np.array_equal(checked, pixels)
