@@ -250,6 +250,14 @@ def _model_version(parsed: ModelReference, uri: str) -> Any:
         ) from None
 
 
+def _version_source(name: str, version: str, uri: str) -> str:
+    """Where a model version's files are stored. Downloading `models:/...` itself would look the model up in the
+    process-wide registry URI, not in `uri` (a Serve replica or a fresh process has none set)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_download_uri(name, version)
+
+
 def _resolve_registered(parsed: ModelReference, cfg: Config, workdir: Path) -> Resolved:
     import yaml
 
@@ -258,7 +266,7 @@ def _resolve_registered(parsed: ModelReference, cfg: Config, workdir: Path) -> R
     uri = tracking_uri(cfg, parsed.text)
     found = _model_version(parsed, uri)
     version = RegistryVersion(name=found.name, version=str(found.version), run_id=found.run_id)
-    model_dir = _download(version.uri, uri, workdir)
+    model_dir = _download(_version_source(found.name, str(found.version), uri), uri, workdir)
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
     try:
         relative = mlmodel["flavors"]["python_function"]["artifacts"][CHECKPOINT_ARTIFACT]["path"]

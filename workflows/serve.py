@@ -94,17 +94,6 @@ def _version_tags(cfg: Config, reference: str, version: RegistryVersion | None) 
     return dict(MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(version.name, version.version).tags)
 
 
-def _use_registry_of(reference: str, cfg: Config) -> None:
-    """Point this process's MLflow at the reference's registry: a replica starts without MLFLOW_TRACKING_URI,
-    and MLflow resolves `models:/` downloads against the process-wide registry URI."""
-    if references.parse(reference).kind in ("model", "run"):
-        import mlflow
-
-        uri = references.tracking_uri(cfg, reference)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-
-
 def load_served_model(reference: str, cfg: Config, device: str) -> ServedModel:
     """The student behind `reference` (through `workflows.references`), with its registry version and tags."""
     with tempfile.TemporaryDirectory(prefix="lightbsr-serve-") as workdir:
@@ -194,7 +183,6 @@ class Upscaler:
     def __init__(self, reference: str, cfg: Config):
         self._stop = threading.Event()
         self.reference, self.cfg = reference, cfg
-        _use_registry_of(reference, cfg)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.served = load_served_model(reference, cfg, self.device)
         batcher = cast(Any, self._upscale_batch)  # @serve.batch adds the setters
