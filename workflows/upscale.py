@@ -6,6 +6,10 @@ URL or a checkpoint path (ours or the authors').
 Inference is tiled with the whole-image codes shared by every tile, on the GPU when there is
 one. Each output keeps its input's format (PNG, JPEG or WebP; others become PNG) unless
 `--format` says otherwise, and appears only when complete.
+
+One image runs here, in this process. A folder or an `s3://` prefix runs as a Ray Data batch
+(`workflows.batch`): resumable, with bad files counted and listed in `<OUT>/upscale-report.json`.
+Both paths upscale each image with the same function, `upscale_bytes`.
 """
 
 from __future__ import annotations
@@ -22,14 +26,14 @@ from tqdm import tqdm
 
 from lightbsr.checkpoint import CheckpointError
 from lightbsr.images import IMAGE_EXTENSIONS, ImageError, read_rgb
-from lightbsr.tiling import MIN_SIDE, upscale
+from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, MIN_SIDE, upscale
 from workflows import preflight, references, storage
 from workflows.cli import run
 from workflows.config import Config, add_config_arguments, load_config
 from workflows.errors import UsageError
 from workflows.urls import redact
 
-__all__ = ["Job", "encode_image", "main", "plan_jobs", "upscale_all"]
+__all__ = ["Job", "encode_image", "main", "output_url", "output_format", "plan_jobs", "upscale_all", "upscale_bytes"]
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
@@ -87,14 +91,44 @@ def encode_image(pixels, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def output_url(out: str, relative: str, fmt: str) -> str:
+    """Where the input `relative` (a name below the input folder) goes in the folder `out`."""
+    stem = str(PurePosixPath(relative).with_suffix(""))
+    return storage.join(out, stem + EXTENSIONS[fmt])
+
+
+def output_format(fmt: str | None, data: bytes) -> str:
+    """The format to write: `fmt` (any case of FORMATS' keys) or else the input's."""
+    return FORMATS[fmt.lower()] if fmt else input_format(data)
+
+
 def _target(job: Job, out: str, fmt: str) -> str:
     if job.target is not None:
         suffix = PurePosixPath(job.target).suffix.lower().lstrip(".")
         if suffix in FORMATS and FORMATS[suffix] != fmt:
             raise UsageError(f"output {redact(job.target)}: extension .{suffix} does not match the format {fmt}")
         return job.target
-    stem = str(PurePosixPath(job.relative).with_suffix(""))
-    return storage.join(out, stem + EXTENSIONS[fmt])
+    return output_url(out, job.relative, fmt)
+
+
+def upscale_bytes(
+    model: torch.nn.Module,
+    data: bytes,
+    name: str,
+    fmt: str | None = None,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+) -> tuple[bytes, str]:
+    """One image file's bytes -> (the upscaled image's file bytes, its format), on the model's device.
+
+    The one per-image step of the single-image path and the batch actors. Stands in for
+    `lightbsr.inference.upscale_bytes` (same signature) until that lands; then this goes.
+    Raises ImageError naming `name` for an input that is not a usable image.
+    """
+    pixels = read_rgb(data, name, min_size=MIN_SIDE)  # (H, W, 3) uint8
+    chosen = output_format(fmt, data)
+    sr = upscale(model, torch.from_numpy(pixels), tile, overlap)  # (sH, sW, 3)
+    return encode_image(sr.numpy(), chosen), chosen
 
 
 def upscale_all(
@@ -106,20 +140,29 @@ def upscale_all(
     device: str | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Upscale every image of `src` into `out`; returns the written outputs. Stops at the first bad input."""
+    """Upscale every image of `src` into `out`, one at a time in this process; returns the written outputs.
+
+    Stops at the first bad input. `main` sends folders to the Ray Data batch instead.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     jobs = plan_jobs(src, out, cfg)
     student = references.load_student(model, cfg, map_location=device).model.to(device)
     written = []
     for job in tqdm(jobs, desc="upscale", unit="image", disable=not progress):
         data = storage.read_bytes(job.source, cfg.storage.s3)
-        pixels = read_rgb(data, job.source, min_size=MIN_SIDE)  # (H, W, 3) uint8
-        chosen = FORMATS[fmt.lower()] if fmt else input_format(data)
-        target = _target(job, out, chosen)
-        sr = upscale(student, torch.from_numpy(pixels), cfg.evaluate.tile, cfg.evaluate.overlap)  # (sH, sW, 3)
-        storage.atomic_write_bytes(target, encode_image(sr.numpy(), chosen), cfg.storage.s3)
+        target = _target(job, out, output_format(fmt, data))  # a contradicting extension fails before model work
+        encoded, _ = upscale_bytes(student, data, job.source, fmt, cfg.evaluate.tile, cfg.evaluate.overlap)
+        storage.atomic_write_bytes(target, encoded, cfg.storage.s3)
         written.append(target)
     return written
+
+
+def is_single_image(src: str, cfg: Config) -> bool:
+    """True when `src` is one file (the in-process path), False for a folder or prefix (the batch)."""
+    try:
+        return storage.list_files(src, cfg.storage.s3) == [""]
+    except FileNotFoundError:
+        raise UsageError(f"input {redact(src)} does not exist") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,10 +200,28 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, overrides)
     preflight.check(cfg, skip=preflight_skips(args.model))
     try:
+        if not is_single_image(args.input, cfg):
+            return _batch(args, cfg)
         written = upscale_all(args.model, args.input, args.output, cfg, args.format, args.device, not args.quiet)
     except (ImageError, CheckpointError) as error:
         raise UsageError(str(error)) from None
     print(f"wrote {len(written)} image(s) to {redact(args.output)}")
+    return 0
+
+
+def _batch(args: argparse.Namespace, cfg: Config) -> int:
+    """A folder or prefix on Ray Data; bad files make the exit status 2 after everything else is written."""
+    from workflows.batch import upscale_batch
+
+    use_gpu = None if args.device is None else args.device.startswith("cuda")
+    report = upscale_batch(args.model, args.input, args.output, cfg, args.format, use_gpu, not args.quiet)
+    print(report.summary())
+    if report.failed:
+        first = report.failed[0]
+        raise UsageError(
+            f"{len(report.failed)} of {report.inputs} image(s) could not be upscaled, listed in "
+            f"{redact(report.report_url)}; the first: {first.source}: {first.reason}"
+        )
     return 0
 
 
