@@ -33,7 +33,7 @@ from workflows.config import Config, add_config_arguments, load_config
 from workflows.errors import UsageError
 from workflows.urls import redact
 
-__all__ = ["Job", "encode_image", "main", "output_url", "output_format", "plan_jobs", "upscale_all", "upscale_bytes"]
+__all__ = ["Job", "encode_image", "main", "output_format", "output_url", "plan_jobs", "upscale_all", "upscale_bytes"]
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
