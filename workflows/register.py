@@ -35,7 +35,7 @@ from workflows import preflight
 from workflows.cli import run
 from workflows.config import Config, add_config_arguments, load_config
 from workflows.errors import UsageError
-from workflows.references import check_registry, load_student, resolve
+from workflows.references import RegistryError, check_registry, load_student, resolve
 from workflows.serving import CHECKPOINT_ARTIFACT, LightBSRModel
 from workflows.urls import redact, redact_text
 
@@ -139,17 +139,15 @@ def gate(challenger: dict[tuple[str, str], float] | None, champion: dict[tuple[s
     return Gate(True, "at least as good as the champion: " + compared)
 
 
-def _champion_scores(client: Any, name: str, alias: str, cfg: Config, workdir: str) -> tuple[str | None, dict | None]:
+def _champion_scores(name: str, alias: str, cfg: Config, workdir: str) -> tuple[str | None, dict | None]:
     """(the alias holder's version, its table scores: {} without a table), or (None, None) when none holds it."""
-    from mlflow.exceptions import MlflowException
-
     try:
-        holder = client.get_model_version_by_alias(name, alias)
-    except MlflowException:  # no such model or alias yet
+        found = resolve(f"models:/{name}@{alias}", cfg, Path(workdir, "champion"))
+    except RegistryError:  # no such model or alias yet
         return None, None
-    model_dir = resolve(f"models:/{name}/{holder.version}", cfg, Path(workdir, "champion")).file.parent
-    tables = sorted(model_dir.glob("*.csv"))
-    return holder.version, table_scores(tables[0]) if tables else {}
+    assert found.registry is not None  # a models:/ reference always names its version
+    tables = sorted(found.file.parent.glob("*.csv"))
+    return found.registry.version, table_scores(tables[0]) if tables else {}
 
 
 @dataclass(frozen=True)
@@ -217,8 +215,7 @@ def register_version(
             if eval_table.endswith(".csv"):
                 tags.update(_psnr_tags(Path(eval_table)))
         tags.update(lineage.version_tags(cfg, loaded.raw.get("config")))
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        champion_version, champion = _champion_scores(client, name, alias, cfg, workdir)
+        champion_version, champion = _champion_scores(name, alias, cfg, workdir)
         challenger = table_scores(Path(eval_table)) if eval_table and eval_table.endswith(".csv") else None
         decision = Gate(True, "forced (--force)") if force else gate(challenger, champion)
         if champion_version is not None:
@@ -240,6 +237,7 @@ def register_version(
                 code_paths=serving_code_paths(),
             )
         version = str(info.registered_model_version)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         client.set_model_version_tag(name, version, "run_id", run.info.run_id)
