@@ -23,8 +23,8 @@ from workflows.config import load_config
 from workflows.errors import EXIT_USAGE
 from workflows.evaluate import build_tables
 from workflows.references import RegistryError, fetch_checkpoint, resolve
+from workflows.register import gate, register_checkpoint, register_version
 from workflows.register import main as register_main
-from workflows.register import register_checkpoint, register_version
 from workflows.upscale import main as upscale_main
 
 pytestmark = pytest.mark.unit
@@ -408,3 +408,18 @@ def test_a_version_leads_back_to_its_training_runs_config_and_shards(mlflow_serv
     assert json.loads(logged.dataset.source)["uri"] == cfg.shards_url
     assert json.loads(logged.dataset.profile)["tiles"] == json.loads(manifest)["counts"]["tiles"] > 0
     assert {(t.key, t.value) for t in logged.tags} == {("mlflow.data.context", "training")}
+
+
+@pytest.mark.parametrize(
+    "challenger,champion,promote,words",
+    [
+        ({("iso_x4", "Set5"): 30.0}, None, True, "no version holds the alias"),
+        (None, {("iso_x4", "Set5"): 30.0}, False, "no evaluation table"),
+        ({("iso_x4", "Set5"): 30.0}, {}, False, "the champion has no evaluation table"),
+        ({("iso_x4", "Set5"): 31.0}, {("iso_x4", "Set5"): 30.0, ("iso_x4", "B100"): 28.0}, False, "lacks iso_x4/B100"),
+        ({("iso_x4", "Set5"): 30.0, ("x", "y"): 1.0}, {("iso_x4", "Set5"): 30.0}, True, "30.0000 >= 30.0000"),
+    ],
+)
+def test_the_gate_holds_the_alias_without_a_like_for_like_comparison(challenger, champion, promote, words):
+    decision = gate(challenger, champion)
+    assert decision.promote is promote and words in decision.reason
