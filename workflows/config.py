@@ -175,7 +175,9 @@ class EvalConfig(_Strict):
         "fp32", description="inference precision (lightbsr.precision.prepare); tensors stay float32 at the edges"
     )
     batch_size: int = Field(1, ge=1)
-    actors: int = Field(2, ge=1, description="Ray Data actor pool size for scoring (at most one per GPU)")
+    actors: int = Field(2, ge=1, description="Ray Data actor pool size for scoring and batch upscale (<= GPUs)")
+    actor_cpus: float = Field(1.0, gt=0, description="CPUs per batch upscale actor")
+    use_gpu: bool | None = Field(None, description="batch upscale actors on GPUs, one each; None = when Ray has GPUs")
     samples: bool = Field(True, description="also score data.eval_images, as the set 'samples'")
     crop: int | None = Field(
         None, ge=16, description="score only the top-left crop of this many HR pixels (quick checks)"

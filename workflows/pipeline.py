@@ -116,7 +116,7 @@ def step_register(cfg: Config, done: dict) -> dict:
     import tempfile
 
     from workflows import storage
-    from workflows.register import register_checkpoint
+    from workflows.register import register_version
 
     with tempfile.TemporaryDirectory(prefix="lightbsr-pipeline-") as tmp:
         table = None
@@ -124,9 +124,14 @@ def step_register(cfg: Config, done: dict) -> dict:
             table = f"{tmp}/table.csv"
             with open(table, "wb") as fh:
                 fh.write(storage.read_bytes(done["evaluate"]["table_csv"], cfg.storage.s3))
-        name, version = register_checkpoint(done["student"]["checkpoint"], cfg, eval_table=table)
-    model_uri = f"models:/{name}@{cfg.tracking.alias}"
-    print(f"[pipeline] registered {name} version {version}")
+        registration = register_version(done["student"]["checkpoint"], cfg, eval_table=table)
+    name, version = registration.name, registration.version
+    # the alias names the champion; a challenger the gate held back is reachable by its version only
+    model_uri = f"models:/{name}@{cfg.tracking.alias}" if registration.gate.promote else f"models:/{name}/{version}"
+    held = (
+        "" if registration.gate.promote else f" without the alias {cfg.tracking.alias!r} ({registration.gate.reason})"
+    )
+    print(f"[pipeline] registered {name} version {version}{held}")
     return {"model_uri": model_uri, "name": name, "version": version}
 
 

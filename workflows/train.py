@@ -245,6 +245,10 @@ def train_stage(
     check_capacity(cfg, with_stream=dataset is None)
     tags = {"lightbsr.stage": stage, **(mlflow_tags or {})}
     with mlflow_tracking.stage_run(cfg, run_name, tags, enabled=tracking) as run_id:
+        if run_id and dataset is None:  # lineage: the shards this run reads, as its MLflow dataset input
+            from workflows.lineage import log_shards_input
+
+            log_shards_input(cfg, run_id)
         loop_config = {
             "config": cfg.model_dump(),
             "stage": stage,

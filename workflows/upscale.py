@@ -8,6 +8,10 @@ one. Any common image works (`lightbsr.inference`): gray comes back gray, alpha 
 (upscaled bicubic), 16-bit comes back 16-bit. Each output keeps its input's format (PNG, JPEG
 or WebP; others become PNG) unless `--format` says otherwise (refused when it cannot hold the
 image: alpha in JPEG, 16 bits in anything but PNG), and appears only when complete.
+
+One image runs here, in this process. A folder or an `s3://` prefix runs as a Ray Data batch
+(`workflows.batch`): resumable, with bad files counted and listed in `<OUT>/upscale-report.json`.
+Both paths upscale each image with the same function, `lightbsr.inference.upscale_bytes`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from workflows.config import Config, add_config_arguments, load_config
 from workflows.errors import UsageError
 from workflows.urls import redact
 
-__all__ = ["Job", "main", "plan_jobs", "upscale_all"]
+__all__ = ["Job", "main", "output_url", "plan_jobs", "requested_format", "upscale_all"]
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
@@ -65,14 +69,24 @@ def plan_jobs(src: str, out: str, cfg: Config) -> list[Job]:
     return [Job(storage.join(src, f), None, f) for f in images]
 
 
+def output_url(out: str, relative: str, fmt: str) -> str:
+    """Where the input `relative` (a name below the input folder) goes in the folder `out`."""
+    stem = str(PurePosixPath(relative).with_suffix(""))
+    return storage.join(out, stem + EXTENSIONS[fmt])
+
+
+def requested_format(fmt: str | None) -> str | None:
+    """`--format` (any case of FORMATS' keys) as a Pillow format name; None = the input's."""
+    return FORMATS[fmt.lower()] if fmt else None
+
+
 def _target(job: Job, out: str, fmt: str) -> str:
     if job.target is not None:
         suffix = PurePosixPath(job.target).suffix.lower().lstrip(".")
         if suffix in FORMATS and FORMATS[suffix] != fmt:
             raise UsageError(f"output {redact(job.target)}: extension .{suffix} does not match the format {fmt}")
         return job.target
-    stem = str(PurePosixPath(job.relative).with_suffix(""))
-    return storage.join(out, stem + EXTENSIONS[fmt])
+    return output_url(out, job.relative, fmt)
 
 
 def upscale_all(
@@ -84,19 +98,31 @@ def upscale_all(
     device: str | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Upscale every image of `src` into `out`; returns the written outputs. Stops at the first bad input."""
+    """Upscale every image of `src` into `out`, one at a time in this process; returns the written outputs.
+
+    Stops at the first bad input. `main` sends folders to the Ray Data batch instead.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     jobs = plan_jobs(src, out, cfg)
     student = references.load_tile_model(model, cfg, device, cfg.evaluate.precision)  # a student or an ONNX export
     written = []
     for job in tqdm(jobs, desc="upscale", unit="image", disable=not progress):
         data = storage.read_bytes(job.source, cfg.storage.s3)
-        requested = FORMATS[fmt.lower()] if fmt else None
-        sr, chosen = upscale_bytes(student, data, job.source, requested, cfg.evaluate.tile, cfg.evaluate.overlap)
+        sr, chosen = upscale_bytes(
+            student, data, job.source, requested_format(fmt), cfg.evaluate.tile, cfg.evaluate.overlap
+        )
         target = _target(job, out, chosen)
         storage.atomic_write_bytes(target, sr, cfg.storage.s3)
         written.append(target)
     return written
+
+
+def is_single_image(src: str, cfg: Config) -> bool:
+    """True when `src` is one file (the in-process path), False for a folder or prefix (the batch)."""
+    try:
+        return storage.list_files(src, cfg.storage.s3) == [""]
+    except FileNotFoundError:
+        raise UsageError(f"input {redact(src)} does not exist") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,10 +162,28 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, overrides)
     preflight.check(cfg, skip=preflight_skips(args.model))
     try:
+        if not is_single_image(args.input, cfg):
+            return _batch(args, cfg)
         written = upscale_all(args.model, args.input, args.output, cfg, args.format, args.device, not args.quiet)
     except (ImageError, CheckpointError) as error:
         raise UsageError(str(error)) from None
     print(f"wrote {len(written)} image(s) to {redact(args.output)}")
+    return 0
+
+
+def _batch(args: argparse.Namespace, cfg: Config) -> int:
+    """A folder or prefix on Ray Data; bad files make the exit status 2 after everything else is written."""
+    from workflows.batch import upscale_batch
+
+    use_gpu = None if args.device is None else args.device.startswith("cuda")
+    report = upscale_batch(args.model, args.input, args.output, cfg, args.format, use_gpu, not args.quiet)
+    print(report.summary())
+    if report.failed:
+        first = report.failed[0]
+        raise UsageError(
+            f"{len(report.failed)} of {report.inputs} image(s) could not be upscaled, listed in "
+            f"{redact(report.report_url)}; the first: {first.source}: {first.reason}"
+        )
     return 0
 
 

@@ -24,8 +24,8 @@ from workflows.config import load_config
 from workflows.errors import EXIT_USAGE
 from workflows.evaluate import build_tables
 from workflows.references import RegistryError, fetch_checkpoint, resolve
+from workflows.register import gate, register_checkpoint, register_version
 from workflows.register import main as register_main
-from workflows.register import register_checkpoint
 from workflows.upscale import main as upscale_main
 
 pytestmark = pytest.mark.unit
@@ -332,3 +332,156 @@ def test_pyfunc_input_check_takes_integer_pixels_as_uint8():
     pixels = np.arange(4 * 4 * 3, dtype=np.int64).reshape(4, 4, 3) * 5  # 0..235, as JSON numbers arrive
     checked = checked_images(pixels)
     assert checked.dtype == np.uint8 and np.array_equal(checked, pixels)
+
+
+# ---- the gate and lineage (real `mlflow server`) ----------------------------------------------
+
+
+def table_with(tmp_path: Path, name: str, shift: float) -> str:
+    """An evaluation table whose every per-image PSNR is PER_IMAGE_PSNR's + `shift` dB."""
+    rows = [
+        {
+            "set": "samples",
+            "image": image,
+            "protocol": "iso_x4",
+            "case": case,
+            "psnr": value + shift,
+            "ssim": 0.5,
+            "bicubic_psnr": value - 3,
+            "bicubic_ssim": 0.4,
+        }
+        for (image, case), value in PER_IMAGE_PSNR.items()
+    ]
+    path = tmp_path / f"{name}.csv"
+    path.write_text(build_tables(rows, ["iso_x4"], params=123).csv)
+    return str(path)
+
+
+def gate_config(uri: str, model_name: str):
+    overrides = [f"tracking.uri={uri}", "tracking.experiment=gate-test", f"tracking.registered_model={model_name}"]
+    return load_config(None, overrides)
+
+
+def alias_holder(cfg, name: str) -> str:
+    from mlflow import MlflowClient
+
+    return (
+        MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+        .get_model_version_by_alias(name, "champion")
+        .version
+    )
+
+
+@pytest.mark.integration
+def test_a_worse_challenger_does_not_take_the_alias_and_a_better_one_does(mlflow_server, checkpoint, tmp_path):
+    from mlflow import MlflowClient
+
+    cfg = gate_config(mlflow_server, "lightbsr-gate")
+    first = register_version(str(checkpoint), cfg, eval_table=table_with(tmp_path, "base", 0.0))
+    assert first.gate.promote and alias_holder(cfg, first.name) == first.version
+    worse = register_version(str(checkpoint), cfg, eval_table=table_with(tmp_path, "worse", -0.5))
+    assert not worse.gate.promote and alias_holder(cfg, first.name) == first.version
+    assert "worse than the champion on iso_x4/samples 25.1667 < 25.6667 dB" in worse.gate.reason
+    tags = MlflowClient(tracking_uri=cfg.tracking_uri).get_model_version(worse.name, worse.version).tags
+    assert tags["gate"] == "held" and tags["gate.champion_version"] == first.version
+    better = register_version(str(checkpoint), cfg, eval_table=table_with(tmp_path, "better", 0.25))
+    assert better.gate.promote and alias_holder(cfg, first.name) == better.version
+    assert "25.9167 >= 25.6667 dB" in better.gate.reason
+
+
+@pytest.mark.integration
+def test_register_prints_why_it_holds_the_alias_and_force_moves_it(mlflow_server, checkpoint, tmp_path, capsys):
+    cfg = gate_config(mlflow_server, "lightbsr-gate-force")
+    base = ["--checkpoint", str(checkpoint), *(f"--set={item}" for item in gate_overrides(cfg))]
+    assert run(register_main, [*base, "--eval-table", table_with(tmp_path, "base", 0.0)]) == 0
+    champion = alias_holder(cfg, "lightbsr-gate-force")
+    capsys.readouterr()
+    assert run(register_main, base) == 0  # no table: nothing to compare with
+    out = capsys.readouterr().out
+    assert "WITHOUT the alias 'champion': no evaluation table to compare with the champion's" in out
+    assert alias_holder(cfg, "lightbsr-gate-force") == champion
+    assert run(register_main, [*base, "--eval-table", table_with(tmp_path, "worse", -1.0), "--force"]) == 0
+    forced = alias_holder(cfg, "lightbsr-gate-force")
+    assert int(forced) == int(champion) + 2 and "forced (--force)" in capsys.readouterr().out
+
+
+def gate_overrides(cfg) -> list[str]:
+    return [
+        f"tracking.uri={cfg.tracking_uri}",
+        f"tracking.experiment={cfg.tracking.experiment}",
+        f"tracking.registered_model={cfg.tracking.registered_model}",
+    ]
+
+
+@pytest.mark.integration
+def test_a_version_leads_back_to_its_training_runs_config_and_shards(mlflow_server, sample_images, tmp_path):
+    """The training runs log the shards as a dataset input (as `train_stage` does); register tags the version."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    from workflows import lineage, tracking
+    from workflows.resume import fingerprint
+    from workflows.shards import write_shards
+
+    (tmp_path / "hr").mkdir()
+    (tmp_path / "hr" / "rocket.png").write_bytes((sample_images / "train" / "rocket.png").read_bytes())
+    cfg = load_config(
+        None,
+        [
+            f"storage.root={tmp_path / 'runs'}",
+            f"tracking.uri={mlflow_server}",
+            "tracking.experiment=lineage-test",
+            "tracking.registered_model=lightbsr-lineage",
+            "train.run_name=lin",
+            "data.tile_size=128",
+            "data.patch_size=16",
+        ],
+    )
+    write_shards(str(tmp_path / "hr"), cfg.shards_url, cfg, progress=False)
+    manifest = (Path(cfg.shards_url) / "manifest.json").read_bytes()
+    run_ids = {}
+    for stage in ("teacher", "student"):
+        with tracking.stage_run(cfg, f"lin-{stage}", {"lightbsr.stage": stage}) as run_id:
+            assert run_id is not None and lineage.log_shards_input(cfg, run_id)
+            run_ids[stage] = run_id
+    trained = cfg.model_copy(deep=True)
+    trained.train.teacher_checkpoint = f"{cfg.storage.root}/lin-teacher/checkpoint_000002"
+    student_file = tmp_path / "student.pt"
+    save_checkpoint(
+        student_file,
+        small_student(),
+        role="student",
+        model_config=MODEL_CONFIG,
+        pca_basis=torch.zeros(441, 15),
+        config=tracking.redacted_config(trained),
+    )
+    done = register_version(str(student_file), cfg)
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    tags = client.get_model_version(done.name, done.version).tags
+    digest = hashlib.sha256(manifest).hexdigest()[:32]
+    assert tags["lineage.teacher_run_id"] == run_ids["teacher"]
+    assert tags["lineage.student_run_id"] == run_ids["student"]
+    assert tags["lineage.shards_digest"] == digest
+    config_digest = hashlib.sha256(json.dumps(fingerprint(trained), sort_keys=True).encode()).hexdigest()
+    assert tags["lineage.config_fingerprint"] == config_digest
+    (logged,) = client.get_run(run_ids["student"]).inputs.dataset_inputs
+    assert logged.dataset.name == "shards" and logged.dataset.digest == digest
+    assert json.loads(logged.dataset.source)["uri"] == cfg.shards_url
+    assert json.loads(logged.dataset.profile)["tiles"] == json.loads(manifest)["counts"]["tiles"] > 0
+    assert {(t.key, t.value) for t in logged.tags} == {("mlflow.data.context", "training")}
+
+
+@pytest.mark.parametrize(
+    "challenger,champion,promote,words",
+    [
+        ({("iso_x4", "Set5"): 30.0}, None, True, "no version holds the alias"),
+        (None, {("iso_x4", "Set5"): 30.0}, False, "no evaluation table"),
+        ({("iso_x4", "Set5"): 30.0}, {}, False, "the champion has no evaluation table"),
+        ({("iso_x4", "Set5"): 31.0}, {("iso_x4", "Set5"): 30.0, ("iso_x4", "B100"): 28.0}, False, "lacks iso_x4/B100"),
+        ({("iso_x4", "Set5"): 30.0, ("x", "y"): 1.0}, {("iso_x4", "Set5"): 30.0}, True, "30.0000 >= 30.0000"),
+    ],
+)
+def test_the_gate_holds_the_alias_without_a_like_for_like_comparison(challenger, champion, promote, words):
+    decision = gate(challenger, champion)
+    assert decision.promote is promote and words in decision.reason
