@@ -9,7 +9,7 @@ the same run for leaked credentials.
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # the cluster jobs take minutes on 2 loaded cores
 EPOCHS = 2  # workflows/configs/tiny.yaml
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from tests.fixtures.cluster import SLOT, job_runtime_env, submit_job, upload_folder, wait_for_job
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # the cluster jobs take minutes on 2 loaded cores
 EPOCHS, ITERS = 2, 30  # the kill lands in epoch 2, after the first checkpoint
 
 

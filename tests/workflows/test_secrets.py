@@ -17,7 +17,7 @@ import pytest
 
 from tests.fixtures.paths import REPO
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # the cluster jobs take minutes on 2 loaded cores
 
 
 def hits(secrets: dict[str, str], data: bytes) -> list[str]:
