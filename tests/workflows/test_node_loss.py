@@ -38,8 +38,8 @@ def first_checkpoint(s3, bucket: str, prefix: str, job_status) -> str:
         time.sleep(1)  # polling S3 for the event, not waiting a fixed time
 
 
-def train_worker_label(cluster) -> str:
-    """The label of a worker node that holds an alive train worker now."""
+def train_worker_node(cluster) -> tuple[str, str]:
+    """(label, node id) of a worker node that holds an alive train worker now."""
     from ray.util.state import list_actors
 
     while True:
@@ -49,9 +49,15 @@ def train_worker_label(cluster) -> str:
             detail=True,
         )
         labels = {entry["node_id"]: entry["labels"] for entry in cluster.node_states()}
-        held = sorted(label for actor in alive for label in labels.get(actor.node_id, []))
+        held = sorted((label, actor.node_id) for actor in alive for label in labels.get(actor.node_id, []))
         if held:
             return held[0]
+        time.sleep(1)
+
+
+def wait_dead(cluster, node_id: str) -> None:
+    """Until the GCS declares this node (not merely one with its label: replacements share it) dead."""
+    while not any(n["node_id"] == node_id and n["state"] == "DEAD" for n in cluster.node_states()):
         time.sleep(1)
 
 
@@ -104,14 +110,16 @@ def node_loss_env(multinode_cluster, s3_server, mlflow_server, sample_images, mo
     return multinode_cluster, s3, s3_server.bucket, key, jobs, submit, mlflow_server
 
 
-def kill_after_first_checkpoint(cluster, s3, bucket, key, jobs, job_id, run_name) -> tuple[str, float]:
-    """Wait for the run's first S3 checkpoint, SIGKILL the raylet of a train worker's node; (label, when)."""
+def kill_after_first_checkpoint(cluster, s3, bucket, key, jobs, job_id, run_name) -> tuple[str, str, float]:
+    """Wait for the run's first S3 checkpoint, SIGKILL the raylet of a train worker's node.
+
+    Returns that node's label and id, and the time of the kill."""
     first_checkpoint(s3, bucket, f"{key}/store/{run_name}-teacher/", lambda: str(jobs.get_job_status(job_id).value))
-    label = train_worker_label(cluster)
+    label, node_id = train_worker_node(cluster)
     pid = cluster.kill_node(label)
     killed_at = time.time()
     print(f"\n[node loss] {run_name}: killed the raylet of {label} (pid {pid})")
-    return label, killed_at
+    return label, node_id, killed_at
 
 
 def check_finished_without_lost_steps(mlflow, jobs, job_id, key, run_name, killed_at) -> None:
@@ -135,15 +143,15 @@ def test_node_loss_continues_resumes_or_fails_clearly(node_loss_env):
 
     # A range of workers: the run continues on the node that is left.
     job = submit("elastic", "train.num_workers=[1, 2]")
-    label, killed_at = kill_after_first_checkpoint(cluster, s3, bucket, key, jobs, job, "elastic")
+    label, node_id, killed_at = kill_after_first_checkpoint(cluster, s3, bucket, key, jobs, job, "elastic")
     check_finished_without_lost_steps(mlflow, jobs, job, key, "elastic", killed_at)
-    cluster.wait_node_state(label, "DEAD")
+    wait_dead(cluster, node_id)
     cluster.add_node(label)
 
     # A fixed count: it resumes on the replacement node the test starts.
     job = submit("fixed", "train.num_workers=2")
-    label, killed_at = kill_after_first_checkpoint(cluster, s3, bucket, key, jobs, job, "fixed")
-    cluster.wait_node_state(label, "DEAD")
+    label, node_id, killed_at = kill_after_first_checkpoint(cluster, s3, bucket, key, jobs, job, "fixed")
+    wait_dead(cluster, node_id)
     cluster.add_node(label)
     check_finished_without_lost_steps(mlflow, jobs, job, key, "fixed", killed_at)
 
