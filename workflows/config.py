@@ -60,6 +60,11 @@ class S3Config(_Strict):
 class StorageConfig(_Strict):
     root: str = Field("runs", description="local folder or s3://bucket/prefix for shards, checkpoints, tables")
     s3: S3Config = S3Config()
+    shared_filesystem: bool = Field(
+        False,
+        description="true: a local storage.root is a shared mount (NFS, EFS, Lustre) at the same path on every "
+        "node, so a multi-node cluster may use it; preflight cannot tell a shared mount from a local disk",
+    )
 
 
 class DataConfig(_Strict):
@@ -109,11 +114,22 @@ class TrainConfig(_Strict):
     )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each train worker also asks for, e.g. {slot: 1} to put the workers on "
+        "distinct nodes that each advertise one `slot` (ray start --resources='{\"slot\": 1}')",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
     checkpoint_every_epochs: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
+    capacity_wait_s: float = Field(
+        300.0,
+        gt=0,
+        description="how long the driver waits, e.g. after a node loss, for the nodes and CPUs the smallest worker "
+        "group and the data stream need before it fails the run naming what is missing",
+    )
     log_every_steps: int = Field(10, ge=1)
     image_every_steps: int = Field(500, ge=1)
     teacher_checkpoint: str | None = Field(
@@ -223,6 +239,14 @@ class Config(_Strict):
         if self.schedule.phase1_epochs + self.schedule.warmup_epochs > self.schedule.epochs:
             raise ValueError("schedule.phase1_epochs + schedule.warmup_epochs exceed schedule.epochs")
         counts = self.train.worker_counts
+        if any(amount <= 0 for amount in self.train.worker_resources.values()):
+            raise ValueError(f"train.worker_resources: amounts must be positive, got {self.train.worker_resources}")
+        reserved = {"CPU", "GPU", "memory", "object_store_memory"} & set(self.train.worker_resources)
+        if reserved:
+            raise ValueError(
+                f"train.worker_resources: {sorted(reserved)} are set by train.cpus_per_worker / train.use_gpu, "
+                "not here (custom resources only)"
+            )
         if not counts or counts.start < 1:
             raise ValueError(f"train.num_workers: expected a count >= 1 or [min, max], got {self.train.num_workers}")
         uneven = [n for n in counts if self.train.batch_size % n]

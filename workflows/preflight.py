@@ -317,13 +317,16 @@ def _cluster(cfg: Config) -> Any:
 
 
 def _check_shared_storage(cfg: Config, nodes: int, skip: Collection[str]) -> None:
-    if "storage.root" in skip or is_remote(cfg.storage.root):
+    """A local storage.root on several nodes only when the user says it is a shared mount: preflight
+    cannot tell one from a local disk, and a wrong guess loses checkpoints (or hides them on one node)."""
+    if "storage.root" in skip or is_remote(cfg.storage.root) or cfg.storage.shared_filesystem:
         return
     raise ConfigError(
         f"storage.root: {cfg.storage.root} is a folder on this machine, but the Ray cluster has {nodes} nodes: "
         "checkpoints a worker writes on its node would be missing on the others (and lost with that node). "
         "Use an object store every node reaches, e.g. storage.root=s3://bucket/prefix "
-        "(with storage.s3.endpoint_url for MinIO, SeaweedFS or Ceph)"
+        "(with storage.s3.endpoint_url for MinIO, SeaweedFS or Ceph); if the folder is a shared mount at the "
+        "same path on every node (NFS, EFS), say so with storage.shared_filesystem=true"
     )
 
 
@@ -363,12 +366,19 @@ def check_cpus(cfg: Config, nodes: list[dict[str, float]], where: str, *, with_s
             f"{recipe} = {needed:g} CPUs, but {where} has {total:g}: {needed - total:g} CPU(s) missing. "
             "Lower those keys or add CPUs; without them the run would wait forever for a CPU"
         )
-    fit = sum(math.floor(node.get("CPU", 0.0) / per_worker + 1e-9) for node in nodes)
+    fit = sum(workers_on_node(cfg, node) for node in nodes)
     if fit < workers:
+        custom = f" and train.worker_resources ({cfg.train.worker_resources})" if cfg.train.worker_resources else ""
         raise ConfigError(
-            f"train.num_workers ({workers}) x train.cpus_per_worker ({per_worker:g}): a worker's CPUs must be on "
-            f"one node, and the nodes of {where} hold only {fit} such worker(s)"
+            f"train.num_workers ({workers}) x train.cpus_per_worker ({per_worker:g}){custom}: a worker's resources "
+            f"must be on one node, and the nodes of {where} hold only {fit} such worker(s)"
         )
+
+
+def workers_on_node(cfg: Config, node: dict[str, float]) -> int:
+    """How many train workers (CPUs and `train.worker_resources` each) the resources of `node` hold."""
+    wanted = {"CPU": cfg.train.cpus_per_worker, **cfg.train.worker_resources}
+    return min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in wanted.items() if amount > 0)
 
 
 # ---- GPUs ----------------------------------------------------------------------------------

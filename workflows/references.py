@@ -205,7 +205,7 @@ def check_registry(uri: str, timeout_s: float = REGISTRY_TIMEOUT_S) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+        with urllib.request.urlopen(f"{redact(uri).rstrip('/')}/health", timeout=timeout_s):  # urllib takes no userinfo
             return
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)

@@ -12,6 +12,8 @@ _ENV_DEFAULTS = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    # MLflow prints "View run ... at: <tracking URI>" when a run ends, userinfo (a password) included.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     # Ray Train copies every print of a worker into its own log as well: each line came out twice.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }

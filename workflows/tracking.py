@@ -58,6 +58,9 @@ def artifact_env(cfg: Config) -> dict[str, str]:
 def client(cfg: Config):
     from mlflow import MlflowClient
 
+    from workflows.runtime import set_quiet_env
+
+    set_quiet_env()  # among others: no run links that carry the tracking URI's credentials
     for key, value in artifact_env(cfg).items():
         os.environ.setdefault(key, value)
     return MlflowClient(tracking_uri=cfg.tracking_uri)

@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -163,7 +164,11 @@ def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, call
     from workflows import tracking
     from workflows.runtime import worker_env
 
-    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+    resources = {
+        "CPU": cfg.train.cpus_per_worker,
+        **({"GPU": 1} if cfg.train.use_gpu else {}),
+        **cfg.train.worker_resources,
+    }
     trainer_kwargs: dict[str, Any] = {}
     if dataset is None:
         from workflows.ingest import training_data_config
@@ -194,7 +199,6 @@ def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, call
     )
 
 
-#: CPUs of Ray Data's own tasks in the training stream (listing and repartitioning chunk ids): one at a time.
 def check_capacity(cfg: Config, with_stream: bool) -> None:
     """The Ray cluster this run joined has the CPUs its workers and data stream need (see preflight.check_cpus)."""
     import ray
@@ -203,6 +207,70 @@ def check_capacity(cfg: Config, with_stream: bool) -> None:
 
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     check_cpus(cfg, nodes, "the Ray cluster", with_stream=with_stream)
+
+
+CAPACITY_POLL_S = 2.0
+
+
+class CapacityLost(RuntimeFailure):
+    """The cluster lacked what the smallest worker group and the data stream need for longer than
+    `train.capacity_wait_s` (a lost node that did not come back)."""
+
+
+def fit_watching_capacity(cfg: Config, trainer: Any, with_stream: bool) -> Any:
+    """`trainer.fit()`, failed with CapacityLost when the alive nodes lack the capacity of the smallest
+    worker group (CPUs, `train.worker_resources`) plus the data stream for `train.capacity_wait_s`.
+
+    Without this, Ray Train waits for a placement without end, and a restored run whose train
+    workers and chunk makers took every CPU waits forever for a CPU for Ray Data's read task.
+    `fit()` runs in a daemon thread; this thread watches the cluster and leaves that one behind on
+    failure (the job's actors end with the driver).
+    """
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the caller's thread as is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="lightbsr-fit", daemon=True)
+    thread.start()
+    short_since: float | None = None
+    while thread.is_alive():
+        thread.join(CAPACITY_POLL_S)
+        if not thread.is_alive():
+            break
+        missing = _capacity_missing(cfg, with_stream)
+        if missing is None:
+            short_since = None
+            continue
+        now = time.monotonic()
+        if short_since is None:
+            short_since = now
+            print(
+                f"[train] waiting up to {cfg.train.capacity_wait_s:g} s (train.capacity_wait_s) for capacity: {missing}"
+            )
+        elif now - short_since > cfg.train.capacity_wait_s:
+            raise CapacityLost(
+                f"the Ray cluster lacked the capacity this run needs for {now - short_since:.0f} s "
+                f"(train.capacity_wait_s = {cfg.train.capacity_wait_s:g}): {missing}. The last checkpoint is kept: "
+                "rerun the same command once nodes are back, or allow fewer workers (train.num_workers: [min, max])"
+            )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _capacity_missing(cfg: Config, with_stream: bool) -> str | None:
+    """What the alive nodes lack for the smallest worker group and the stream; None when they have it."""
+    try:
+        check_capacity(cfg, with_stream)
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 def train_stage(
@@ -259,7 +327,9 @@ def train_stage(
             "check_stream_start": dataset is None,
         }
         try:
-            result = _trainer(cfg, stage, loop_config, dataset, callbacks).fit()
+            result = fit_watching_capacity(
+                cfg, _trainer(cfg, stage, loop_config, dataset, callbacks), with_stream=dataset is None
+            )
         except TrainingFailedError as error:
             raise RuntimeFailure(f"training {run_name} failed: {_first_line(error)}") from error
         checkpoint = checkpoint_url(cfg, result.checkpoint)

@@ -1,122 +1,66 @@
-"""`lightbsr train` as a Ray job on three nodes, with data, shards and checkpoints on S3 and MLflow
-over HTTP: the production shape, on one machine (issue 12).
+"""`lightbsr pipeline` then `lightbsr tune` as a Ray job on three nodes, with every input and output
+on S3 and MLflow over HTTP: the production shape, on one machine (issue 12, must-show 1).
 
-The cluster is `tests/fixtures/cluster.py` (a head and two workers, 2 CPUs each), the object store
-SeaweedFS with a custom endpoint, the tracking store a real `mlflow server`. Credentials travel
-only in the job's runtime_env environment. Each train worker takes 2 CPUs, a whole node, so the
-two workers run on different nodes.
+The run is the session fixture `production_run` (tests/fixtures/cluster.py): a head and two worker
+nodes of 2 CPUs each, SeaweedFS with a custom endpoint, a real `mlflow server`; two train workers,
+one per worker node (`train.worker_resources={slot: 1}`). tests/workflows/test_secrets.py inspects
+the same run for leaked credentials.
 """
-
-import shlex
-import time
-import uuid
 
 import pytest
 
-from tests.fixtures.paths import REPO
-
-pytestmark = pytest.mark.e2e
-JOB_DEADLINE_S = 600  # plus ~1-2 min of cluster start: inside pytest's 900 s
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # the cluster jobs take minutes on 2 loaded cores
+EPOCHS = 2  # workflows/configs/tiny.yaml
 
 
-def upload_folder(client, bucket: str, folder, prefix: str) -> int:
-    count = 0
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() == ".png":
-            client.put_object(Bucket=bucket, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
-            count += 1
-    return count
-
-
-def submit(client, **kwargs) -> str:
-    """submit_job, retrying the one error a just-started head gives before its job agent is up."""
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            return client.submit_job(**kwargs)
-        except RuntimeError as error:
-            if "No available agent" not in str(error) or time.monotonic() > deadline:
-                raise
-            time.sleep(3)
-
-
-def wait_for_job(client, job_id: str) -> str:
-    deadline = time.monotonic() + JOB_DEADLINE_S
-    status = str(client.get_job_status(job_id).value)
-    while status not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(3)
-        status = str(client.get_job_status(job_id).value)
-    return status
-
-
-def test_tiny_train_on_three_nodes_with_s3_storage_and_mlflow_over_http(
-    multinode_cluster, s3_server, mlflow_server, sample_images, monkeypatch
-):
+def test_pipeline_and_sweep_as_a_ray_job_with_everything_on_s3(production_run, s3_server):
     from mlflow import MlflowClient
-    from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
-    monkeypatch.setenv("RAY_AUTH_MODE", multinode_cluster.env["RAY_AUTH_MODE"])
-    key = f"cluster-train-{uuid.uuid4().hex[:8]}"
-    root = f"s3://{s3_server.bucket}/{key}"
-    s3 = s3_server.client()
-    assert upload_folder(s3, s3_server.bucket, sample_images / "train", f"{key}/images/train") > 0
-    assert upload_folder(s3, s3_server.bucket, sample_images / "eval", f"{key}/images/eval") > 0
+    run = production_run
+    assert run.status == "SUCCEEDED", run.logs[-6000:]
+    mlflow = MlflowClient(run.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(run.key)
+    assert experiment is not None
+    runs = {r.info.run_name: r for r in mlflow.search_runs([experiment.experiment_id])}
 
-    experiment = key
-    overrides = [
-        f"storage.root={root}/store",
-        f"storage.s3.endpoint_url={s3_server.endpoint}",
-        f"data.train_images={root}/images/train",
-        f"data.eval_images={root}/images/eval",
-        f"tracking.uri={mlflow_server}",
-        f"tracking.experiment={experiment}",
-        "train.stage=teacher",
-        "train.num_workers=2",
-        "train.cpus_per_worker=2",
-        "train.batch_size=4",
-        "data.data_cpus=1",
-    ]
-    common = "--config workflows/configs/tiny.yaml " + " ".join(f"--set {shlex.quote(o)}" for o in overrides)
-    entrypoint = f"python -m workflows.shards {common} --quiet && python -m workflows.train {common}"
-    runtime_env = {
-        "working_dir": str(REPO),
-        "excludes": [".git", "runs", "mlruns", "data"],
-        "env_vars": {
-            **s3_server.env(),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        },
-    }
-    jobs = JobSubmissionClient(multinode_cluster.dashboard)
-    started = time.monotonic()
-    job_id = submit(jobs, entrypoint=entrypoint, runtime_env=runtime_env, submission_id=key)
-    status = wait_for_job(jobs, job_id)
-    logs = jobs.get_job_logs(job_id)
-    print(f"\n[cluster train] job {status} after {time.monotonic() - started:.0f} s")
-    assert status == "SUCCEEDED", logs[-6000:]
-    assert s3_server.secret_key not in logs
+    # Teacher and student: finished, validation PSNR every epoch.
+    for stage in ("teacher", "student"):
+        stage_run = runs[f"lightbsr-tiny-{stage}"]
+        assert stage_run.info.status == "FINISHED"
+        history = mlflow.get_metric_history(stage_run.info.run_id, "epoch/val_psnr")
+        assert sorted(m.step for m in history) == sorted({m.step for m in history}), history
+        assert len(history) == EPOCHS, history
 
-    # Two train workers, on two different nodes.
+    # Two train workers at once, each on its own worker node.
     workers = list_actors(
-        address=multinode_cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True
+        address=run.cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000
     )
-    assert len({w.node_id for w in workers}) >= 2, [(w.node_id, w.state) for w in workers]
+    labels = {entry["node_id"]: entry["labels"] for entry in run.cluster.node_states()}
+    worker_nodes = {tuple(labels[w.node_id]) for w in workers}
+    assert worker_nodes == {("node_a",), ("node_b",)}, worker_nodes
 
-    # Checkpoints on S3, under the configured root.
-    listed = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"{key}/store/")
-    names = [item["Key"] for item in listed.get("Contents", [])]
-    assert any("/checkpoint_" in name for name in names), names[:20]
+    # Shards, checkpoints and the evaluation table on S3, under the configured root.
+    s3 = s3_server.client()
+    names = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=f"{run.key}/store/"):
+        names += [item["Key"] for item in page.get("Contents", [])]
+    store = f"{run.key}/store"
+    assert any(n.startswith(f"{store}/shards/train/") for n in names), names[:20]
+    assert any(n.startswith(f"{store}/lightbsr-tiny-student/checkpoint_") for n in names), names[:20]
+    table = s3.get_object(Bucket=s3_server.bucket, Key=f"{store}/evaluation/lightbsr-tiny/table.csv")["Body"].read()
+    assert b"Set5" in table and b"iso_x4" in table, table[:500]
 
-    # Losses and validation PSNR per epoch, in the MLflow server.
-    mlflow = MlflowClient(mlflow_server)
-    found = mlflow.get_experiment_by_name(experiment)
-    assert found is not None
-    (run,) = mlflow.search_runs([found.experiment_id])
-    assert run.info.status == "FINISHED"
-    epochs = 2  # tiny.yaml
-    assert len(mlflow.get_metric_history(run.info.run_id, "epoch/loss_total")) == epochs
-    for param in run.data.params.values():
-        assert s3_server.secret_key not in param
-    assert len(mlflow.get_metric_history(run.info.run_id, "epoch/val_psnr")) == epochs
+    # The student registered, with the alias pointing at it.
+    version = mlflow.get_model_version_by_alias(run.key, "champion")
+    assert version.run_id
+
+    # The sweep: 2 trials on the same S3 storage, each reporting val_psnr, the best config stored there.
+    sweep = runs["sweep-sweep"]
+    assert sweep.info.status == "FINISHED"
+    trials = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
+    assert len(trials) == 2, [t.info.run_name for t in trials]
+    for trial in trials:
+        assert mlflow.get_metric_history(trial.info.run_id, "epoch/val_psnr"), trial.info.run_name
+    assert f"{store}/tune/sweep-sweep/best_config.yaml" in names, [n for n in names if "/tune/" in n][:20]
+    assert "best_val_psnr" in sweep.data.metrics

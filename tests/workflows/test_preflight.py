@@ -81,6 +81,16 @@ def test_wrong_type_in_an_override_fails_naming_the_key():
     fails_fast_naming(lambda: load_config(None, ["train.use_gpu=maybe"]), "train.use_gpu")
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("{CPU: 1}", "set by train.cpus_per_worker"), ("{slot: 0}", "amounts must be positive")],
+)
+def test_worker_resources_must_be_custom_and_positive(value, problem):
+    with pytest.raises(ConfigError) as refused:
+        load_config(REPO / "workflows/configs/tiny.yaml", [f"train.worker_resources={value}"])
+    assert "train.worker_resources" in str(refused.value) and problem in str(refused.value)
+
+
 def test_valid_local_config_passes(tmp_path):
     check(local_config(tmp_path))
 
@@ -361,12 +371,15 @@ def test_on_a_three_node_cluster_local_storage_sqlite_and_missing_cpus_fail_befo
     base = [f"data.train_images={images}", f"data.eval_images={images}"]
     images.mkdir()
     s3 = [f"storage.root=s3://{s3_server.bucket}/cluster-run", f"storage.s3.endpoint_url={s3_server.endpoint}"]
-    shared = [*base, *s3, f"tracking.uri={mlflow_server}"]
+    tracking = f"tracking.uri={mlflow_server}"
+    shared = [*base, *s3, tracking]
     cases = {
         "local_root": [*base, f"storage.root={tmp_path / 'store'}", f"tracking.uri={mlflow_server}"],
         "sqlite": [*base, *s3, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
         "no_tracking_uri": [*base, *s3, "tracking.uri=null"],
         "shared": shared,
+        "shared_mount": [*base, f"storage.root={tmp_path / 'store'}", "storage.shared_filesystem=true", tracking],
+        "too_few_slots": [*shared, "train.num_workers=3", "train.batch_size=6", "train.worker_resources={slot: 1}"],
         "too_few_cpus": [*shared, "train.num_workers=2", "train.cpus_per_worker=2", "data.data_cpus=3"],
         "worker_larger_than_a_node": [*shared, "train.cpus_per_worker=3"],
         "gpu": [*shared, "train.use_gpu=true"],
@@ -386,6 +399,10 @@ def test_on_a_three_node_cluster_local_storage_sqlite_and_missing_cpus_fail_befo
     assert results["shared"][0] is None
     message = results["local_root"][0]
     assert "storage.root" in message and "3 nodes" in message and "s3://" in message
+    assert "storage.shared_filesystem=true" in message  # a shared mount is accepted only when the user says so
+    assert results["shared_mount"][0] is None
+    message = results["too_few_slots"][0]
+    assert "train.worker_resources ({'slot': 1.0})" in message and "only 2 such worker(s)" in message, message
     assert "tracking.uri" in results["sqlite"][0] and "mlflow server" in results["sqlite"][0]
     assert "tracking.uri must be set" in results["no_tracking_uri"][0]
     message = results["too_few_cpus"][0]
