@@ -177,10 +177,11 @@ def test_student_objective_holds_the_teacher_outside_its_module_tree(teacher_bat
     assert torch.isfinite(objective(lr[:, :1], hr[:, :1], prior, phase=1)["total"])  # float32 weights would raise
 
 
-# Training demonstrably works: the held-out Y-PSNR the recipe gains over its untrained start. (The claims
-# study, benchmarks/results/claims_study.md, runs this recipe on 3 seeds: at this CPU budget the students
-# are still ~1 dB under bicubic, so beating bicubic is reported there, not asserted here.) This run is
-# seed 0 of that study, made deterministic: fixed threads, deterministic algorithms, fixed seeds.
+# Training demonstrably works: the held-out Y-PSNR the small recipe gains over its untrained start, not a
+# margin over bicubic. At this budget the students stay ~1 dB under bicubic; the claims study's longer recipe
+# (benchmarks/results/claims_study.md, 3 seeds, 38 min wall on the loaded 2-core machine) puts the aligned student
+# 0.26 +- 0.15 dB over it (lowest seed 0.09 dB), not the many-standard-deviation margin a test needs. Seed 0,
+# made deterministic: fixed threads, deterministic algorithms, fixed seeds.
 GAIN_DB = 5.0
 
 
