@@ -48,13 +48,13 @@ SAMPLES = Path("~/.cache/lightbsr/samples").expanduser()
 
 
 class WithoutPrior:
-    """The teacher's encoder fed zeros for the prior, as it was trained (for the IDR probe)."""
+    """The teacher's encoder fed zeros for the prior, as it was trained: a prior-free encoder for the IDR probe."""
 
     def __init__(self, teacher: Teacher) -> None:
         self.teacher = teacher
 
-    def encode(self, lr: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        return self.teacher.encode(lr, torch.zeros_like(prior))
+    def encode(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.teacher.encode(lr, lr.new_zeros(lr.shape[0], self.teacher.prior_channels))
 
 
 def held_out_patches(folder: Path, count: int, size: int, seed: int) -> torch.Tensor:
@@ -71,7 +71,7 @@ def held_out_patches(folder: Path, count: int, size: int, seed: int) -> torch.Te
 
 
 def probe(model: object, hr: torch.Tensor, basis: torch.Tensor, scale: int) -> dict[str, float]:
-    features, labels = idr_features(model, "teacher", hr, scale, basis, 1)  # type: ignore[arg-type]
+    features, labels = idr_features(model, hr, scale, basis, 1)  # type: ignore[arg-type]
     train = np.tile(np.arange(len(hr)) < len(hr) // 2, len(IDR_SIGMAS))
     return probe_scores(features, labels, train)
 
@@ -87,6 +87,10 @@ def one_seed(seed: int, recipe: Recipe, data: dict, basis: torch.Tensor) -> dict
         out.update({f"prior_{k}": v for k, v in scores.items() if k != "chance"})
 
     teacher = train_teacher(examples, recipe, seed, use_prior=True, after_phase1=probe_prior_teacher)
+    # control: the same teacher untrained; fed the true prior, its IDR carries the label by construction
+    untrained = train_teacher(examples, dataclasses.replace(recipe, teacher_phase1=0, teacher_phase2=0), seed)
+    scores = probe(untrained, data["idr_patches"], basis, scale)
+    out.update({f"untrained_prior_{k}": v for k, v in scores.items() if k != "chance"})
     plain = train_teacher(examples, dataclasses.replace(recipe, teacher_phase2=0), seed, use_prior=False)
     scores = probe(WithoutPrior(plain), data["idr_patches"], basis, scale)
     out.update({f"plain_{k}": v for k, v in scores.items() if k != "chance"})
@@ -115,8 +119,10 @@ ROWS = (
     ("aligned_psnr", "(a) student aligned to the teacher, Y-PSNR (dB)"),
     ("plain_probe_accuracy", "(b) IDR probe accuracy, plain contrastive (no prior)"),
     ("prior_probe_accuracy", "(b) IDR probe accuracy, prior-constrained teacher"),
+    ("untrained_prior_probe_accuracy", "(b) control: IDR probe accuracy, untrained teacher fed the prior"),
     ("plain_silhouette", "(b) IDR silhouette, plain contrastive (no prior)"),
     ("prior_silhouette", "(b) IDR silhouette, prior-constrained teacher"),
+    ("untrained_prior_silhouette", "(b) control: IDR silhouette, untrained teacher fed the prior"),
 )
 
 

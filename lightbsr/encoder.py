@@ -62,28 +62,65 @@ class DegradationEncoder(nn.Module):
             return self.stages(x)
         if views < 1 or x.shape[0] % views:
             raise ValueError(f"views must divide the batch: {x.shape[0]} items, views={views}")
+        # item-major inside (row b * V + v): one view's rows are then channels of a (B, V*C, H, W) view
+        x = item_major(x, views)
         for stage in self.stages:
             assert isinstance(stage, ConvBNLeaky)
             x = stage.per_view(x, views, repeat_first_view)
-        return x
+        return item_major(x, x.shape[0] // views)
+
+
+def item_major(x: torch.Tensor, views: int) -> torch.Tensor:
+    """Rows view-major (v * B + b) -> item-major (b * V + v); with `views` = B, the inverse."""
+    return x.view(views, x.shape[0] // views, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
 
 
 def per_view_batch_norm(
     norm: nn.BatchNorm2d | nn.SyncBatchNorm, x: torch.Tensor, views: int, repeat_first_view: bool
 ) -> torch.Tensor:
-    """`norm` called once per view-major group of x (batch statistics and running updates per group, in order).
+    """`norm` as if called once per view on x's item-major rows (row b * V + v): batch statistics and running
+    updates per view, in view order, then, with `repeat_first_view`, once more (no gradient) on view 0.
 
-    Calling the module (not a functional batch norm) keeps SyncBatchNorm's per-call reduction across
+    A plain BatchNorm runs once: x viewed as (B, V*C, H, W) holds view v's channels at v*C .. (v+1)*C - 1, so
+    one training batch norm with the affine parameters repeated V times normalises each view with its own
+    statistics (the same kernel and reduction as a per-view call); its running statistics are then updated per
+    view from those statistics. SyncBatchNorm is called per view: the module call keeps its reduction across
     workers, so each view is normalised with that view's statistics on all workers.
     """
     if not norm.training:
-        return norm(x)  # running statistics: the same for every group
-    groups = x.chunk(views)
-    out = torch.cat([norm(group) for group in groups])
-    if repeat_first_view:
-        with torch.no_grad():
-            norm(groups[0])
-    return out
+        return norm(x)  # running statistics: the same for every view
+    n, c, h, w = x.shape
+    by_item = x.view(n // views, views, c, h, w)
+    if isinstance(norm, nn.SyncBatchNorm):
+        out = torch.stack([norm(by_item[:, v]) for v in range(views)], dim=1)
+        if repeat_first_view:
+            with torch.no_grad():
+                norm(by_item[:, 0])
+        return out.view(n, c, h, w)
+    mean = var = None
+    if norm.track_running_stats:  # momentum 1: these buffers receive this call's mean and unbiased variance
+        mean, var = x.new_zeros(views * c), x.new_ones(views * c)
+    weight = None if norm.weight is None else norm.weight.repeat(views)
+    bias = None if norm.bias is None else norm.bias.repeat(views)
+    out = F.batch_norm(x.view(n // views, views * c, h, w), mean, var, weight, bias, True, 1.0, norm.eps)
+    if mean is not None and var is not None:
+        update_running_statistics(norm, mean.view(views, c), var.view(views, c), repeat_first_view)
+    return out.view(n, c, h, w)
+
+
+@torch.no_grad()
+def update_running_statistics(
+    norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, repeat_first_view: bool
+) -> None:
+    """One view's batch statistics (mean, unbiased variance: rows of (V, C)) after the other, then view 0 again,
+    folded into `norm`'s running statistics as nn.BatchNorm2d's calls fold them (momentum, or a cumulative
+    average when it is None)."""
+    assert norm.running_mean is not None and norm.running_var is not None and norm.num_batches_tracked is not None
+    for view in [*range(mean.shape[0]), *([0] if repeat_first_view else [])]:
+        norm.num_batches_tracked.add_(1)
+        factor = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+        norm.running_mean.copy_(factor * mean[view] + (1 - factor) * norm.running_mean)
+        norm.running_var.copy_(factor * var[view] + (1 - factor) * norm.running_var)
 
 
 class ContrastiveHead(nn.Module):

@@ -90,6 +90,24 @@ def test_teacher_enqueues_the_momentum_keys_of_view_zero_only(teacher_batch):
     torch.testing.assert_close(teacher.queue[:, : lr.shape[0]].T, view0, rtol=1e-4, atol=1e-5)
 
 
+def test_teacher_step_with_sync_batch_norm_equals_the_plain_one(teacher_batch):
+    """DDP on GPU converts the encoders to SyncBatchNorm, which runs one module call per view; without a process
+    group it reduces locally, so on CPU it must give the plain BatchNorm's single per-view pass's step."""
+    plain = TeacherObjective(small_teacher(), paper_losses()).train()
+    sync = copy.deepcopy(plain)
+    for name in ("encoder", "key_encoder"):
+        setattr(sync.model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(sync.model, name)))
+    for objective in (plain, sync):
+        objective(*teacher_batch, phase=2)["total"].backward()
+    grads = dict(sync.named_parameters())
+    for name, p in plain.named_parameters():
+        if p.grad is not None and not name.endswith("conv.bias"):  # true gradient 0 before a training BatchNorm
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-6, msg=name)
+    buffers = dict(sync.named_buffers())
+    for name, value in plain.named_buffers():  # running statistics, batch counts, queue
+        torch.testing.assert_close(value, buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_teacher_needs_several_views(teacher_batch):
     lr, hr, prior = teacher_batch
     with pytest.raises(ValueError, match="2 views"):
@@ -177,10 +195,11 @@ def test_student_objective_holds_the_teacher_outside_its_module_tree(teacher_bat
     assert torch.isfinite(objective(lr[:, :1], hr[:, :1], prior, phase=1)["total"])  # float32 weights would raise
 
 
-# Training demonstrably works: the held-out Y-PSNR the recipe gains over its untrained start. (The claims
-# study, benchmarks/results/claims_study.md, runs this recipe on 3 seeds: at this CPU budget the students
-# are still ~1 dB under bicubic, so beating bicubic is reported there, not asserted here.) This run is
-# seed 0 of that study, made deterministic: fixed threads, deterministic algorithms, fixed seeds.
+# Training demonstrably works: the held-out Y-PSNR the small recipe gains over its untrained start, not a
+# margin over bicubic. At this budget the students stay ~1 dB under bicubic; the claims study's longer recipe
+# (benchmarks/results/claims_study.md, 3 seeds, 38 min wall on the loaded 2-core machine) puts the aligned student
+# 0.26 +- 0.15 dB over it (lowest seed 0.09 dB), not the many-standard-deviation margin a test needs. Seed 0,
+# made deterministic: fixed threads, deterministic algorithms, fixed seeds.
 GAIN_DB = 5.0
 
 
