@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.fixtures.s3_server",
     "tests.fixtures.images",
     "tests.fixtures.cluster",
+    "tests.fixtures.models",
 ]
 
 TIERS = ("unit", "integration", "e2e")  # lightest to heaviest

@@ -8,12 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from lightbsr.checkpoint import save_checkpoint
 from lightbsr.images import read_rgb
-from lightbsr.student import Student
 from workflows.batch import REPORT_NAME, Failure, upscale_batch
 from workflows.config import load_config
 from workflows.upscale import upscale_all
@@ -28,25 +25,6 @@ GOOD = {
     "c.webp": ("WEBP", {"lossless": True}),
 }
 BROKEN = "d_broken.png"
-
-
-def student() -> Student:
-    torch.manual_seed(0)
-    model = Student(scale=2, n_groups=1, n_blocks=1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(0.2)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("model") / "student.pt"
-    save_checkpoint(
-        path, student(), role="student", model_config={"scale": 2, "n_groups": 1, "n_blocks": 1}, pca_basis=None
-    )
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +43,7 @@ def inputs(sample_images, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_run(ray_local, s3_server, inputs, model_path):
+def first_run(ray_local, s3_server, inputs, busy_student_file):
     """The batch over s3://<bucket>/batch-test/in -> .../out: (config, report, the report file's JSON)."""
     client = s3_server.client()
     for path in sorted(p for p in inputs.rglob("*") if p.is_file()):
@@ -76,7 +54,12 @@ def first_run(ray_local, s3_server, inputs, model_path):
     base = f"s3://{s3_server.bucket}/{PREFIX}"
     with s3_server.environment():
         report = upscale_batch(
-            model_path, f"{base}/in", f"{base}/out", cfg, progress=False, runtime_env={"env_vars": s3_server.env()}
+            busy_student_file,
+            f"{base}/in",
+            f"{base}/out",
+            cfg,
+            progress=False,
+            runtime_env={"env_vars": s3_server.env()},
         )
     written = json.loads(client.get_object(Bucket=s3_server.bucket, Key=f"{PREFIX}/out/{REPORT_NAME}")["Body"].read())
     return cfg, report, written
@@ -86,12 +69,14 @@ def s3_object(s3_server, key: str) -> bytes:
     return s3_server.client().get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
 
 
-def test_batch_outputs_equal_the_one_image_path_byte_for_byte(first_run, s3_server, inputs, model_path, tmp_path):
+def test_batch_outputs_equal_the_one_image_path_byte_for_byte(
+    first_run, s3_server, inputs, busy_student_file, tmp_path
+):
     cfg, report, _ = first_run
     assert report.written == sorted(GOOD)
     for name in GOOD:
         out = tmp_path / "one" / Path(name).parent
-        (single,) = upscale_all(model_path, str(inputs / name), str(out) + "/", cfg, progress=False)
+        (single,) = upscale_all(busy_student_file, str(inputs / name), str(out) + "/", cfg, progress=False)
         expected = Path(single).read_bytes()
         key = f"{PREFIX}/out/{(Path(name).parent / Path(single).name).as_posix()}"
         assert s3_object(s3_server, key) == expected, name
@@ -112,14 +97,19 @@ def test_a_bad_file_is_counted_and_listed_in_the_report_and_the_others_are_writt
     assert f"failed {BROKEN}: " in report.summary() and "3 written" in report.summary()
 
 
-def test_a_rerun_skips_every_finished_image_without_reading_or_rewriting_it(first_run, s3_server, model_path):
+def test_a_rerun_skips_every_finished_image_without_reading_or_rewriting_it(first_run, s3_server, busy_student_file):
     cfg, _, _ = first_run
     client = s3_server.client()
     client.put_object(Bucket=s3_server.bucket, Key=f"{PREFIX}/out/a.png", Body=b"left alone")  # a rewrite would show
     base = f"s3://{s3_server.bucket}/{PREFIX}"
     with s3_server.environment():
         again = upscale_batch(
-            model_path, f"{base}/in", f"{base}/out", cfg, progress=False, runtime_env={"env_vars": s3_server.env()}
+            busy_student_file,
+            f"{base}/in",
+            f"{base}/out",
+            cfg,
+            progress=False,
+            runtime_env={"env_vars": s3_server.env()},
         )
     assert (again.inputs, again.skipped, again.written) == (4, 3, [])
     assert again.failed == [Failure(BROKEN, again.failed[0].reason)]  # still bad, tried again, still listed

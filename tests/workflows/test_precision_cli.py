@@ -9,23 +9,13 @@ import torch
 from lightbsr.checkpoint import save_checkpoint
 from lightbsr.images import read_rgb, write_image
 from lightbsr.precision import prepare
-from lightbsr.student import Student
 from lightbsr.tiling import upscale
+from tests.fixtures.models import busy_student
 from workflows.cli import run
 from workflows.errors import EXIT_OK
 from workflows.upscale import main
 
 pytestmark = pytest.mark.e2e
-
-
-def busy_student() -> Student:
-    torch.manual_seed(0)
-    model = Student(scale=2, n_groups=1, n_blocks=1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(0.2)
-    return model.eval()
 
 
 def test_upscale_with_bf16_writes_what_the_bf16_model_computes(tmp_path, sample_images):

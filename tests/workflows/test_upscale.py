@@ -13,10 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lightbsr.checkpoint import save_checkpoint
 from lightbsr.images import read_rgb
-from lightbsr.student import Student
 from lightbsr.tiling import upscale
+from tests.fixtures.models import busy_student
 from workflows.cli import run
 from workflows.errors import EXIT_OK, EXIT_USAGE
 from workflows.upscale import main
@@ -29,25 +28,6 @@ def lightbsr_upscale(argv: list[str]) -> int:
     return run(main, argv, prog="lightbsr upscale")
 
 
-def student() -> Student:
-    torch.manual_seed(0)
-    model = Student(scale=2, n_groups=1, n_blocks=1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(0.2)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("model") / "student.pt"
-    save_checkpoint(
-        path, student(), role="student", model_config={"scale": 2, "n_groups": 1, "n_blocks": 1}, pca_basis=None
-    )
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def photo(sample_images) -> np.ndarray:
     return read_rgb(sample_images / "eval" / "tulips.png")[50:98, 60:124]  # (48, 64, 3)
@@ -58,28 +38,30 @@ def files_under(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("suffix,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".webp", "WEBP")])
-def test_each_format_comes_back_in_the_same_format_at_twice_the_size(tmp_path, model_path, photo, suffix, fmt):
+def test_each_format_comes_back_in_the_same_format_at_twice_the_size(tmp_path, busy_student_file, photo, suffix, fmt):
     Image.fromarray(photo).save(tmp_path / f"in{suffix}", format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
     assert (
-        lightbsr_upscale(["--model", model_path, str(tmp_path / f"in{suffix}"), str(tmp_path / "out") + "/", "--quiet"])
+        lightbsr_upscale(
+            ["--model", busy_student_file, str(tmp_path / f"in{suffix}"), str(tmp_path / "out") + "/", "--quiet"]
+        )
         == EXIT_OK
     )
     out = tmp_path / "out" / f"in{'.jpg' if fmt == 'JPEG' else suffix}"
     with Image.open(out) as image:
         assert image.format == fmt and image.size == (128, 96)
     if fmt != "JPEG":  # lossless: exactly the model's output on the decoded input
-        direct = upscale(student(), torch.from_numpy(read_rgb(tmp_path / f"in{suffix}"))).numpy()
+        direct = upscale(busy_student(), torch.from_numpy(read_rgb(tmp_path / f"in{suffix}"))).numpy()
         assert np.array_equal(read_rgb(out), direct)
 
 
-def test_format_option_converts_and_a_folder_keeps_its_layout(tmp_path, model_path, photo):
+def test_format_option_converts_and_a_folder_keeps_its_layout(tmp_path, busy_student_file, photo):
     (tmp_path / "in" / "sub").mkdir(parents=True)
     Image.fromarray(photo).save(tmp_path / "in" / "a.png")
     Image.fromarray(photo[:, ::-1]).save(tmp_path / "in" / "sub" / "b.jpg", quality=95)
     (tmp_path / "in" / "notes.txt").write_text("not an image, and not listed")
     assert (
         lightbsr_upscale(
-            ["--model", model_path, str(tmp_path / "in"), str(tmp_path / "out"), "--format", "webp", "--quiet"]
+            ["--model", busy_student_file, str(tmp_path / "in"), str(tmp_path / "out"), "--format", "webp", "--quiet"]
         )
         == EXIT_OK
     )
@@ -88,10 +70,10 @@ def test_format_option_converts_and_a_folder_keeps_its_layout(tmp_path, model_pa
         assert image.format == "WEBP"
 
 
-def test_output_extension_that_contradicts_the_format_is_refused(tmp_path, model_path, photo, capsys):
+def test_output_extension_that_contradicts_the_format_is_refused(tmp_path, busy_student_file, photo, capsys):
     Image.fromarray(photo).save(tmp_path / "in.png")
     assert (
-        lightbsr_upscale(["--model", model_path, str(tmp_path / "in.png"), str(tmp_path / "out.jpg"), "--quiet"])
+        lightbsr_upscale(["--model", busy_student_file, str(tmp_path / "in.png"), str(tmp_path / "out.jpg"), "--quiet"])
         == EXIT_USAGE
     )
     assert "out.jpg: extension .jpg does not match the format PNG" in capsys.readouterr().err
@@ -112,22 +94,26 @@ def bad_inputs(folder: Path, photo: np.ndarray) -> dict[str, str]:
     }
 
 
-def test_bad_images_are_named_and_leave_no_output(tmp_path, model_path, photo, capsys):
+def test_bad_images_are_named_and_leave_no_output(tmp_path, busy_student_file, photo, capsys):
     (tmp_path / "in").mkdir()
     for name, words in bad_inputs(tmp_path / "in", photo).items():
         out = tmp_path / "out" / name
-        assert lightbsr_upscale(["--model", model_path, str(tmp_path / "in" / name), str(out), "--quiet"]) == EXIT_USAGE
+        assert (
+            lightbsr_upscale(["--model", busy_student_file, str(tmp_path / "in" / name), str(out), "--quiet"])
+            == EXIT_USAGE
+        )
         err = capsys.readouterr().err
         assert name in err and words in err, err
         assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []
 
 
-def test_a_bad_image_in_a_folder_is_named_and_the_others_are_written_whole(tmp_path, model_path, photo, capsys):
+def test_a_bad_image_in_a_folder_is_named_and_the_others_are_written_whole(tmp_path, busy_student_file, photo, capsys):
     (tmp_path / "in").mkdir()
     Image.fromarray(photo).save(tmp_path / "in" / "a_good.png")
     (tmp_path / "in" / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     assert (
-        lightbsr_upscale(["--model", model_path, str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"]) == EXIT_USAGE
+        lightbsr_upscale(["--model", busy_student_file, str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"])
+        == EXIT_USAGE
     )
     assert "b_broken.png" in capsys.readouterr().err
     assert files_under(tmp_path / "out") == ["a_good.png", "upscale-report.json"]  # complete, no temporary leftovers
@@ -177,13 +163,13 @@ def test_userinfo_in_a_model_url_is_refused_and_never_printed(tmp_path, photo, c
     assert words in err and secret not in err
 
 
-def test_folder_url_in_and_out_of_s3_with_the_model_on_s3(s3_server, model_path, photo, tmp_path):
+def test_folder_url_in_and_out_of_s3_with_the_model_on_s3(s3_server, busy_student_file, photo, tmp_path):
     client = s3_server.client()
-    client.put_object(Bucket=s3_server.bucket, Key="up/models/student.pt", Body=Path(model_path).read_bytes())
+    client.put_object(Bucket=s3_server.bucket, Key="up/models/student.pt", Body=Path(busy_student_file).read_bytes())
     client.put_object(Bucket=s3_server.bucket, Key="up/in/a.png", Body=encode(photo, "PNG"))
     client.put_object(Bucket=s3_server.bucket, Key="up/in/b.webp", Body=encode(photo[::-1], "WEBP"))
     base = f"s3://{s3_server.bucket}/up"
-    client.put_object(Bucket=s3_server.bucket, Key="up/ckpt_folder/model.pt", Body=Path(model_path).read_bytes())
+    client.put_object(Bucket=s3_server.bucket, Key="up/ckpt_folder/model.pt", Body=Path(busy_student_file).read_bytes())
     # A folder runs on Ray Data, whose workers take the AWS settings of the process that starts Ray: a fresh one.
     command = [str(Path(sys.executable).with_name("lightbsr")), "upscale", "--model", f"{base}/models/student.pt"]
     env = {**os.environ, **s3_server.env()}
@@ -195,7 +181,8 @@ def test_folder_url_in_and_out_of_s3_with_the_model_on_s3(s3_server, model_path,
             == EXIT_OK
         )
         assert (
-            lightbsr_upscale(["--model", model_path, f"{base}/in/a.png", str(tmp_path / "a.png"), "--quiet"]) == EXIT_OK
+            lightbsr_upscale(["--model", busy_student_file, f"{base}/in/a.png", str(tmp_path / "a.png"), "--quiet"])
+            == EXIT_OK
         )
     listed = client.list_objects_v2(Bucket=s3_server.bucket, Prefix="up/out/")
     assert sorted(o["Key"] for o in listed["Contents"]) == [
@@ -204,9 +191,9 @@ def test_folder_url_in_and_out_of_s3_with_the_model_on_s3(s3_server, model_path,
         "up/out/upscale-report.json",
     ]
     body = client.get_object(Bucket=s3_server.bucket, Key="up/out/b.webp")["Body"].read()
-    expected = upscale(student(), torch.from_numpy(np.ascontiguousarray(photo[::-1]))).numpy()
+    expected = upscale(busy_student(), torch.from_numpy(np.ascontiguousarray(photo[::-1]))).numpy()
     assert np.array_equal(read_rgb(body, "b.webp"), expected)
-    assert np.array_equal(read_rgb(tmp_path / "a.png"), upscale(student(), torch.from_numpy(photo)).numpy())
+    assert np.array_equal(read_rgb(tmp_path / "a.png"), upscale(busy_student(), torch.from_numpy(photo)).numpy())
     assert np.array_equal(read_rgb(tmp_path / "f.png"), read_rgb(tmp_path / "a.png"))  # model from a folder URL
 
 
