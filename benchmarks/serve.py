@@ -156,7 +156,7 @@ def load(
                     errors[0] += 1
             i += 1
 
-    memory: list[float] = []
+    memory: list[float] = []  # server RSS every 0.5 s, in MB
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
     started = time.monotonic()
     for thread in threads:
@@ -175,6 +175,8 @@ def load(
         "rss_first_mb": round(memory[0], 1),
         "rss_last_mb": round(memory[-1], 1),
         "rss_peak_mb": round(max(memory), 1),
+        "rss_quarters_mb": [round(memory[min(len(memory) - 1, len(memory) * q // 4)], 1) for q in (1, 2, 3, 4)],
+        "rss_second_half_growth_mb": round(memory[-1] - memory[len(memory) // 2], 1),
     }
 
 
@@ -271,10 +273,11 @@ def render_markdown(result: dict) -> str:
         "# Serving under load: `lightbsr serve` (Ray Serve) vs `mlflow models serve`",
         "",
         f"{result['date']}, {result['machine']}; {result['clients']} concurrent clients for {result['seconds']} s "
-        f"per server; {result['images']}. Written by `python benchmarks/serve.py`.",
+        f"per server; {result['images']}. Written by `python benchmarks/serve.py --seconds {result['seconds']:g}`.",
         "",
-        "| server | setup | requests/s | p50 ms | p99 ms | errors | RSS first / last / peak MB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| server | setup | requests/s | p50 ms | p99 ms | errors | RSS first / last / peak MB "
+        "| RSS at 1/4, 2/4, 3/4, end MB | RSS growth, 2nd half MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
     for key, name, setup in (
         ("ray_serve", "Ray Serve (`lightbsr serve`)", "replicas x 1 CPU: {replicas}; PNG in, PNG out"),
@@ -283,12 +286,13 @@ def render_markdown(result: dict) -> str:
         row = result[key]
         lines.append(
             f"| {name} | {setup.format(**row)} | {row['requests_per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
-            f"{row['errors']} | {row['rss_first_mb']} / {row['rss_last_mb']} / {row['rss_peak_mb']} |"
+            f"{row['errors']} | {row['rss_first_mb']} / {row['rss_last_mb']} / {row['rss_peak_mb']} | "
+            f"{', '.join(map(str, row['rss_quarters_mb']))} | {row['rss_second_half_growth_mb']} |"
         )
     lines += [
         "",
         "RSS: the server's processes (Ray Serve: replicas, HTTP proxy and controller; MLflow: the server's "
-        "process tree), sampled every 0.5 s while the clients run.",
+        "process tree), sampled every 0.5 s while the clients run; growth = RSS at the end minus RSS half-way.",
         "",
     ]
     return "\n".join(lines)
