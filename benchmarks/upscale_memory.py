@@ -124,6 +124,7 @@ def buffer_arithmetic(buffers: dict[str, float]) -> list[str]:
 
 
 def write_results(record: dict) -> None:
+    """benchmarks/results/upscale_memory.{json,md} from `record` (also re-renders a saved JSON's markdown)."""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "upscale_memory.json").write_text(json.dumps(record, indent=2) + "\n")
     size = f"{record['width']}x{record['height']}"
@@ -140,11 +141,11 @@ def write_results(record: dict) -> None:
     for name, run in record["runs"].items():
         tiling = f"{run['tile'] or 'default'} / {run['overlap'] if run['overlap'] is not None else 'default'}"
         lines.append(f"| {name} | {run['commit']} | {tiling} | {run['peak_rss_mib']} | {run['wall_s']} |")
-    buffers = record["image_buffers_mib"]
+    buffers = image_buffers_mib(record["width"], record["height"], record["scale"])
     lines += [
         "",
         f"Image-sized buffers at this size (MiB): float LR {buffers['lr_float']}, float SR {buffers['sr_float']}, "
-        f"uint8 SR {buffers['sr_uint8']}, Pillow's copy of the uint8 SR {buffers.get('sr_pillow', '-')}.",
+        f"uint8 SR {buffers['sr_uint8']}, Pillow's copy of the uint8 SR {buffers['sr_pillow']}.",
         "",
         *buffer_arithmetic(buffers),
     ]
