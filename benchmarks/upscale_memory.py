@@ -94,12 +94,37 @@ def measure_upscale_peak(
 
 
 def image_buffers_mib(width: int, height: int, scale: int) -> dict[str, float]:
-    """The O(image) buffers of the upscale path: float LR, float SR (3 channels each) and the uint8 SR."""
+    """The O(image) buffers of the upscale path: float LR and float SR (3 channels each), the uint8 SR,
+    and Pillow's copy of an RGB image while it encodes it (4 bytes per pixel)."""
     lr, sr = width * height * 3, width * height * scale * scale * 3
-    return {"lr_float": round(lr * 4 / MIB, 1), "sr_float": round(sr * 4 / MIB, 1), "sr_uint8": round(sr / MIB, 1)}
+    return {
+        "lr_float": round(lr * 4 / MIB, 1),
+        "sr_float": round(sr * 4 / MIB, 1),
+        "sr_uint8": round(sr / MIB, 1),
+        "sr_pillow": round(sr // 3 * 4 / MIB, 1),
+    }
+
+
+def buffer_arithmetic(buffers: dict[str, float]) -> list[str]:
+    """What the image-sized buffers add to the interpreter's own memory, before and after the output was
+    written band by band (fc6ae57 -> the band-by-band change): arithmetic from the code, not measured."""
+    before = round(buffers["lr_float"] + 4 * buffers["sr_float"])
+    after = round(buffers["lr_float"] + buffers["sr_uint8"])
+    encode = round(buffers["sr_uint8"] + buffers["sr_pillow"])
+    return [
+        "Buffer arithmetic (from the code, not measured): before the band-by-band output (up to fc6ae57) the"
+        f" float SR ({buffers['sr_float']} MiB) existed four times at once while `encode_picture` rounded it"
+        " (the clamped picture, the clipped copy, the product by 255 and its rounding), on top of the float LR:"
+        f" about {before} MiB above the interpreter. Now the float SR exists one band at a time (two rows of"
+        " tiles at HR size and a few band-sized copies while a band is quantised: O(tile x width)); what grows with the image is the float LR and the one uint8"
+        f" (or uint16) output, {after} MiB while the model runs, then that output plus Pillow's 4-byte-per-pixel"
+        f" copy while it encodes ({encode} MiB) and the encoded file.",
+        "",
+    ]
 
 
 def write_results(record: dict) -> None:
+    """benchmarks/results/upscale_memory.{json,md} from `record` (also re-renders a saved JSON's markdown)."""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "upscale_memory.json").write_text(json.dumps(record, indent=2) + "\n")
     size = f"{record['width']}x{record['height']}"
@@ -116,12 +141,13 @@ def write_results(record: dict) -> None:
     for name, run in record["runs"].items():
         tiling = f"{run['tile'] or 'default'} / {run['overlap'] if run['overlap'] is not None else 'default'}"
         lines.append(f"| {name} | {run['commit']} | {tiling} | {run['peak_rss_mib']} | {run['wall_s']} |")
-    buffers = record["image_buffers_mib"]
+    buffers = image_buffers_mib(record["width"], record["height"], record["scale"])
     lines += [
         "",
         f"Image-sized buffers at this size (MiB): float LR {buffers['lr_float']}, float SR {buffers['sr_float']}, "
-        f"uint8 SR {buffers['sr_uint8']}.",
+        f"uint8 SR {buffers['sr_uint8']}, Pillow's copy of the uint8 SR {buffers['sr_pillow']}.",
         "",
+        *buffer_arithmetic(buffers),
     ]
     (RESULTS / "upscale_memory.md").write_text("\n".join(lines))
 

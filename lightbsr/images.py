@@ -6,8 +6,10 @@ with an `ImageError` that names the file and the problem.
 
 Inference takes any of them: `decode_picture` turns a file into float RGB for the model plus
 what is needed to write the result back like its source (alpha, gray, 16-bit), and
-`encode_picture` writes it. Pillow decodes 16-bit RGB(A) PNGs to 8 bits and cannot write them,
-so 16-bit PNGs are read and written by a small PNG codec here (zlib + numpy).
+`encode_picture` writes it (`picture_pixels` quantises it to integer levels, `encode_pixels` writes
+those; the tiled upscale quantises its bands into such levels as they come and calls `encode_pixels`).
+Pillow decodes 16-bit RGB(A) PNGs to 8 bits and cannot write them, so 16-bit PNGs are read and
+written by a small PNG codec here (zlib + numpy).
 
 Every image is decoded in full (a truncated file fails here, not half-way through an epoch) and
 turned upright by its EXIF orientation.
@@ -34,8 +36,12 @@ __all__ = [
     "Picture",
     "decode_picture",
     "encode_picture",
+    "encode_pixels",
     "encode_png",
+    "picture_pixels",
+    "quantise",
     "read_rgb",
+    "write_color",
     "write_image",
 ]
 
@@ -48,6 +54,7 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 _SHARDS_NEED = "training shards need 8-bit RGB images (`lightbsr upscale` and `evaluate` accept this one)"
 JPEG_QUALITY = 95
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2 luma weights
 
 
 class ImageError(ValueError):
@@ -290,28 +297,59 @@ def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def encode_picture(picture: Picture, fmt: str, quality: int = JPEG_QUALITY) -> bytes:
-    """File bytes of `picture` as PNG, JPEG (at `quality`) or WebP (lossless).
+    """File bytes of `picture` as PNG, JPEG (at `quality`) or WebP (lossless): `picture_pixels`, then
+    `encode_pixels`. A format that cannot hold the picture (JPEG with alpha, anything but PNG at 16 bits)
+    is a ValueError: pick the format with `lightbsr.inference.output_format`.
+    """
+    return encode_pixels(picture_pixels(picture), fmt, quality)
 
-    Gray pictures are written as one channel (ITU-R 601-2 luma of the RGB; WebP has no gray mode, so
-    there the luma fills all three channels), alpha as an alpha channel, 16-bit as 16-bit PNG. A
-    format that cannot hold the picture (JPEG with alpha, anything but PNG at 16 bits) is a ValueError:
-    pick the format with `lightbsr.inference.output_format`.
+
+def quantise(values: np.ndarray, dtype: type[np.uint8] | type[np.uint16]) -> np.ndarray:
+    """float values, clipped to [0, 1] -> levels of `dtype` (0..255 or 0..65535), rounding half to even."""
+    return np.round(np.clip(values, 0, 1) * np.float32(np.iinfo(dtype).max)).astype(dtype)
+
+
+def write_color(pixels: np.ndarray, rgb: np.ndarray, gray: bool) -> None:
+    """Quantise float RGB (H, W, 3) into the colour channels of integer `pixels` (H, W, C), in place: the
+    first three, or for a gray picture the first one, its ITU-R 601-2 luma (computed in float32)."""
+    if gray:
+        pixels[..., 0] = quantise(rgb @ _LUMA, pixels.dtype.type)
+    else:
+        pixels[..., :3] = quantise(rgb, pixels.dtype.type)
+
+
+def picture_pixels(picture: Picture) -> np.ndarray:
+    """The levels `encode_pixels` writes: uint8, or uint16 for a 16-bit picture, (H, W, C) with C = 1 gray,
+    2 gray + alpha, 3 RGB or 4 RGBA."""
+    height, width = picture.rgb.shape[:2]
+    channels = (1 if picture.gray else 3) + (picture.alpha is not None)
+    pixels = np.empty((height, width, channels), np.uint16 if picture.bits == 16 else np.uint8)
+    write_color(pixels, picture.rgb, picture.gray)
+    if picture.alpha is not None:
+        pixels[..., -1] = quantise(picture.alpha, pixels.dtype.type)
+    return pixels
+
+
+def encode_pixels(pixels: np.ndarray, fmt: str, quality: int = JPEG_QUALITY) -> bytes:
+    """File bytes of integer levels (H, W, C) as PNG, JPEG (at `quality`) or WebP (lossless).
+
+    C is 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA); uint16 levels are written as a 16-bit PNG.
+    Gray is written as one channel (WebP has no gray mode, so there it fills all three channels).
+    A format that cannot hold the levels (JPEG with alpha, anything but PNG at 16 bits) is a ValueError.
     """
     fmt = {"JPG": "JPEG"}.get(fmt.upper(), fmt.upper())
     if fmt not in ("PNG", "JPEG", "WEBP"):
         raise ValueError(f"format: expected PNG, JPEG or WEBP, got {fmt}")
-    if (picture.bits == 16 and fmt != "PNG") or (picture.alpha is not None and fmt == "JPEG"):
-        raise ValueError(f"{fmt} cannot hold a {picture.bits}-bit picture{' with alpha' * (picture.alpha is not None)}")
-    color = picture.rgb @ np.array([0.299, 0.587, 0.114], np.float32) if picture.gray else picture.rgb
-    channels = [color[..., None] if picture.gray else color]
-    channels += [] if picture.alpha is None else [picture.alpha[..., None]]
-    values = np.clip(np.concatenate(channels, axis=2), 0, 1)
-    if picture.bits == 16:
-        return _png16_bytes(np.round(values * np.float32(65535)).astype(np.uint16))
-    pixels = np.round(values * np.float32(255)).astype(np.uint8)
+    if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim != 3 or not 1 <= pixels.shape[2] <= 4:
+        raise ValueError(f"pixels: expected uint8 or uint16 (H, W, 1..4), got {pixels.dtype} {tuple(pixels.shape)}")
+    bits, gray, alpha = pixels.dtype.itemsize * 8, pixels.shape[2] <= 2, pixels.shape[2] in (2, 4)
+    if (bits == 16 and fmt != "PNG") or (alpha and fmt == "JPEG"):
+        raise ValueError(f"{fmt} cannot hold a {bits}-bit picture{' with alpha' * alpha}")
+    if bits == 16:
+        return _png16_bytes(pixels)
     image = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
-    if fmt == "WEBP" and picture.gray:
-        image = image.convert("RGBA" if picture.alpha is not None else "RGB")
+    if fmt == "WEBP" and gray:
+        image = image.convert("RGBA" if alpha else "RGB")
     options: dict[str, dict[str, int | bool]] = {
         "PNG": {"compress_level": PNG_COMPRESS_LEVEL},
         "JPEG": {"quality": quality},

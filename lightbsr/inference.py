@@ -1,9 +1,12 @@
-"""One image through the model: file bytes -> `Picture` -> tiled SR -> `Picture` -> file bytes.
+"""One image through the model: file bytes -> `Picture` -> tiled SR, band by band -> integer levels -> file bytes.
 
 The one per-image path: `lightbsr upscale`, the batch actors, the Serve deployment and the pyfunc
-all call `upscale_bytes` (or `upscale_picture` when they hold decoded pictures), so gray, alpha,
+all call `upscale_bytes` (or `upscale_pixels` when they hold decoded pictures), so gray, alpha,
 palette, 16-bit, CMYK and EXIF-rotated inputs are treated alike everywhere. The model sees float
 RGB only; alpha is upscaled apart (bicubic), gray is written back as luma, 16-bit stays 16-bit.
+The SR is quantised into the output's uint8 / uint16 array band by band as the tiles finish, so the
+only image-sized buffers are the float LR, that array (and a float alpha for alpha inputs) and the
+encoder's copies of it.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightbsr.images import ImageError, Picture, decode_picture, encode_picture
-from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, MIN_SIDE, TileModel, upscale_tiled
+from lightbsr.images import ImageError, Picture, decode_picture, encode_pixels, quantise, write_color
+from lightbsr.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, MIN_SIDE, TileModel, upscale_bands
 
-__all__ = ["OUTPUT_FORMATS", "output_format", "upscale_bytes", "upscale_picture"]
+__all__ = ["OUTPUT_FORMATS", "output_format", "upscale_bytes", "upscale_pixels"]
 
 OUTPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -45,16 +48,29 @@ def _device(model: TileModel) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def upscale_picture(
+def upscale_pixels(
     model: TileModel, picture: Picture, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP
-) -> Picture:
-    """The upscaled picture: RGB through the tiled model (`lightbsr.tiling.upscale_tiled`, on the model's
-    device), clamped to [0, 1]; alpha by Pillow's bicubic (a = -0.5) in float; gray, bits and format kept."""
+) -> np.ndarray:
+    """The upscaled picture as the integer levels `encode_pixels` writes (uint8, or uint16 at 16 bits;
+    (sH, sW, C), C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA).
+
+    RGB goes through the tiled model (`lightbsr.tiling.upscale_bands`, on the model's device) and each
+    finished band is clamped to [0, 1] and quantised into the one integer array (gray as its luma), so
+    the float SR never exists at full size; alpha is upscaled by Pillow's bicubic (a = -0.5) in float.
+    The levels equal `picture_pixels` of the whole float SR.
+    """
+    height, width = picture.rgb.shape[0] * model.scale, picture.rgb.shape[1] * model.scale
+    alpha = None if picture.alpha is None else _resize(picture.alpha, width, height)
+    channels = (1 if picture.gray else 3) + (alpha is not None)
+    pixels = np.empty((height, width, channels), np.uint16 if picture.bits == 16 else np.uint8)
     lr = torch.from_numpy(picture.rgb).permute(2, 0, 1)[None].to(_device(model))  # (1, 3, H, W)
-    sr = upscale_tiled(model, lr, tile, overlap).clamp(0, 1)  # (1, 3, sH, sW)
-    rgb = np.ascontiguousarray(sr[0].permute(1, 2, 0).float().cpu().numpy())
-    alpha = None if picture.alpha is None else _resize(picture.alpha, rgb.shape[1], rgb.shape[0])
-    return Picture(rgb, alpha, picture.gray, picture.bits, picture.format)
+    for row, band in upscale_bands(model, lr, tile, overlap):
+        rgb = np.ascontiguousarray(band.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy())  # (rows, sW, 3)
+        rows = pixels[row : row + rgb.shape[0]]
+        write_color(rows, rgb, picture.gray)
+        if alpha is not None:
+            rows[..., -1] = quantise(alpha[row : row + rgb.shape[0]], pixels.dtype.type)
+    return pixels
 
 
 def _resize(channel: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -82,4 +98,6 @@ def upscale_bytes(
     """
     picture = decode_picture(data, name, max_pixels=max_pixels, min_size=MIN_SIDE)
     chosen = output_format(picture, name, fmt)
-    return encode_picture(upscale_picture(model, picture, tile, overlap), chosen), chosen
+    pixels = upscale_pixels(model, picture, tile, overlap)
+    del picture  # its float LR is not needed to encode
+    return encode_pixels(pixels, chosen), chosen

@@ -21,12 +21,19 @@ Two passes over the image:
 The codes are therefore exact. The SR tiles are not: each adaptation block's channel branch pools
 its own tile's features, and the per-group code refinement pads `xk` with zeros at tile edges, so
 neighbouring tiles overlap by at least `overlap` LR pixels and are blended with linear ramps across
-the overlap. The ramps are normalised per axis (a grid of tiles has separable weight sums), so the
-output is accumulated tile by tile into one preallocated SR tensor without a weight buffer.
+the overlap. The ramps are normalised per axis (a grid of tiles has separable weight sums), so each
+tile is accumulated with its final weight and the output needs no weight buffer.
 
-What stays O(image): the LR input and the float SR output (3 channels at HR size) that
-`upscale_tiled` returns. Everything else is O(tile): encoder activations on one crop, the
-generator's activations (64 channels up to HR tile size) and one weighted SR tile.
+The SR comes out in horizontal bands (`upscale_bands`): one row of tiles is blended into a buffer
+of its HR rows; the rows above the next tile row's start are then final and are handed on, and only
+the overlap that the next row blends into is carried over. `upscale` and
+`lightbsr.inference.upscale_bytes` quantise each band into the integer output as it comes.
+
+What stays O(image): the LR input, and whatever the caller builds from the bands (`upscale_tiled`
+returns the whole float SR; `upscale` and `upscale_bytes` only the integer output). Everything else
+is O(tile): encoder activations on one crop, the generator's activations (64 channels up to HR tile
+size), one weighted SR tile, and at most two rows of tiles at HR size (a tile's height by the image's
+width each: the row being blended and the one whose band was handed on last).
 
 `shared_codes=False` runs the whole model on each tile instead (each tile then sees its own
 channel code and its own zero-padded spatial code); it exists to show what sharing the codes buys.
@@ -35,6 +42,7 @@ channel code and its own zero-padded spatial code); it exists to show what shari
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -57,6 +65,7 @@ __all__ = [
     "tile_starts",
     "to_uint8",
     "upscale",
+    "upscale_bands",
     "upscale_tiled",
 ]
 
@@ -198,6 +207,65 @@ def _check_tiling(lr: torch.Tensor, tile: int, overlap: int) -> None:
         raise ValueError(f"overlap: expected 0 <= overlap < tile ({tile}), got {overlap}")
 
 
+def _tile_sr(
+    model: TileModel, lr: torch.Tensor, idr_mean: torch.Tensor | None, rows: tuple[int, int], cols: tuple[int, int]
+) -> torch.Tensor:
+    """The SR of LR rows x cols: with the shared codes, or (`idr_mean` None) with the tile's own."""
+    piece = lr[..., rows[0] : rows[1], cols[0] : cols[1]]
+    if idr_mean is not None:
+        return model.reconstruct_tile(piece, idr_mean, spatial_code_tiled(model, lr, rows, cols))
+    idr, xk = model.encode_tile(piece)
+    return model.reconstruct_tile(piece, idr.mean(dim=(2, 3)), xk)
+
+
+def _as_tile_model(model: TileModel | nn.Module) -> TileModel:
+    if not isinstance(model, TileModel):  # tiling needs the model split at its codes
+        raise TypeError(f"model: expected a lightbsr TileModel (a Student, say), got {type(model).__name__}")
+    return model
+
+
+@torch.no_grad()
+def upscale_bands(
+    model: TileModel | nn.Module,
+    lr: torch.Tensor,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    shared_codes: bool = True,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """LR (B, 3, H, W) in [0, 1] -> the SR in finished horizontal bands, top to bottom: (first HR row,
+    float band (B, 3, rows, sW), not clamped). The bands tile the SR exactly; together they are
+    `upscale_tiled`'s output, number for number.
+
+    Each row of tiles is blended into a buffer of its own HR rows. The rows above the next tile row's
+    start are final once the row is done and are yielded; the rest (the overlap the next row blends
+    into) is carried over. A band is a view into that row's buffer: copy what you keep.
+    """
+    model = _as_tile_model(model)
+    _check_tiling(lr, tile, overlap)
+    height, width = lr.shape[-2:]
+    if height <= tile and width <= tile:  # one piece: exactly the untiled model
+        idr, xk = model.encode_tile(lr)
+        yield 0, model.reconstruct_tile(lr, idr.mean(dim=(2, 3)), xk)
+        return
+    scale = model.scale
+    idr_mean = idr_mean_tiled(model, lr, tile) if shared_codes else None
+    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    wys = _axis_weights(ys, tile, height, scale, lr.device)
+    wxs = _axis_weights(xs, tile, width, scale, lr.device)
+    carried = lr.new_zeros(lr.shape[0], 3, 0, width * scale)  # HR rows from the row above, still blending
+    for index, (y0, wy) in enumerate(zip(ys, wys)):
+        y1 = min(y0 + tile, height)
+        rows = lr.new_zeros(lr.shape[0], 3, (y1 - y0) * scale, width * scale)
+        rows[:, :, : carried.shape[2]] = carried
+        for x0, wx in zip(xs, wxs):
+            x1 = min(x0 + tile, width)
+            weight = (wy[:, None] * wx[None, :])[None, None]  # (1, 1, th*s, tw*s)
+            rows[..., x0 * scale : x1 * scale].addcmul_(_tile_sr(model, lr, idr_mean, (y0, y1), (x0, x1)), weight)
+        final = ((ys[index + 1] if index + 1 < len(ys) else height) - y0) * scale
+        carried = rows[:, :, final:]
+        yield y0 * scale, rows[:, :, :final]
+
+
 @torch.no_grad()
 def upscale_tiled(
     model: TileModel | nn.Module,
@@ -210,46 +278,35 @@ def upscale_tiled(
 
     An image no larger than one tile runs in one piece and equals the untiled model. `model` may be
     typed as a plain module (what checkpoints load as); one that is not a `TileModel` is refused.
+    The whole SR is held here; `upscale_bands` gives it band by band.
     """
-    if not isinstance(model, TileModel):  # tiling needs the model split at its codes
-        raise TypeError(f"model: expected a lightbsr TileModel (a Student, say), got {type(model).__name__}")
-    _check_tiling(lr, tile, overlap)
-    height, width = lr.shape[-2:]
-    if height <= tile and width <= tile:
-        idr, xk = model.encode_tile(lr)
-        return model.reconstruct_tile(lr, idr.mean(dim=(2, 3)), xk)
-    scale = model.scale
-    idr_mean = idr_mean_tiled(model, lr, tile) if shared_codes else None
-    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    wys = _axis_weights(ys, tile, height, scale, lr.device)
-    wxs = _axis_weights(xs, tile, width, scale, lr.device)
-    out = lr.new_zeros(lr.shape[0], 3, height * scale, width * scale)
-    for y0, wy in zip(ys, wys):
-        y1 = min(y0 + tile, height)
-        for x0, wx in zip(xs, wxs):
-            x1 = min(x0 + tile, width)
-            piece = lr[..., y0:y1, x0:x1]
-            if idr_mean is not None:
-                sr = model.reconstruct_tile(piece, idr_mean, spatial_code_tiled(model, lr, (y0, y1), (x0, x1)))
-            else:
-                idr, xk = model.encode_tile(piece)
-                sr = model.reconstruct_tile(piece, idr.mean(dim=(2, 3)), xk)
-            weight = (wy[:, None] * wx[None, :])[None, None]  # (1, 1, th*s, tw*s)
-            out[..., y0 * scale : y1 * scale, x0 * scale : x1 * scale].addcmul_(sr, weight)
+    out: torch.Tensor | None = None
+    for row, band in upscale_bands(model, lr, tile, overlap, shared_codes):
+        if out is None:  # the bands' dtype and device: the model's output, as the untiled model gives it
+            scale = band.shape[3] // lr.shape[-1]
+            out = band.new_empty(band.shape[0], 3, lr.shape[-2] * scale, band.shape[3])
+        out[:, :, row : row + band.shape[2]] = band
+    assert out is not None
     return out
 
 
 def upscale(
     model: TileModel | nn.Module, image: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP
 ) -> torch.Tensor:
-    """uint8 (H, W, 3) image -> uint8 (sH, sW, 3) upscaled image, tiled, on `lr_device(model)`."""
+    """uint8 (H, W, 3) image -> uint8 (sH, sW, 3) upscaled image, tiled, on `lr_device(model)`.
+
+    The SR is quantised band by band into the uint8 output, so no image-sized float buffer is made.
+    """
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[-1] != 3:
         raise ValueError(f"image: expected a uint8 (H, W, 3) tensor, got {image.dtype} {tuple(image.shape)}")
+    model = _as_tile_model(model)
     lr = image.to(lr_device(model)).permute(2, 0, 1)[None].float() / 255  # (H, W, 3) -> (1, 3, H, W)
-    sr = upscale_tiled(model, lr, tile, overlap)
-    del lr
-    sr = sr.clamp_(0, 1).mul_(255).round_()  # in place: the float SR is the one image-sized float buffer
-    return sr.to(torch.uint8)[0].permute(1, 2, 0).cpu()  # -> (sH, sW, 3)
+    height, width = image.shape[:2]
+    out = torch.empty(height * model.scale, width * model.scale, 3, dtype=torch.uint8)
+    for row, band in upscale_bands(model, lr, tile, overlap):
+        sr = band.clamp(0, 1).mul_(255).round_()
+        out[row : row + sr.shape[2]] = sr.to(torch.uint8)[0].permute(1, 2, 0).cpu()  # -> (rows, sW, 3)
+    return out
 
 
 def lr_device(model: object) -> torch.device:

@@ -10,6 +10,7 @@ from PIL import Image
 from lightbsr.images import ImageError, Picture, read_rgb
 from lightbsr.inference import output_format, upscale_bytes
 from lightbsr.student import Student
+from lightbsr.tiling import upscale_tiled
 
 pytestmark = pytest.mark.unit
 
@@ -49,3 +50,29 @@ def test_a_webp_with_alpha_comes_back_as_webp_with_alpha(sample_images):
     np.testing.assert_array_equal(pixels[..., :3], expected)
     bicubic = np.asarray(Image.fromarray(alpha).resize((128, 96), Image.Resampling.BICUBIC))
     assert np.abs(pixels[..., 3].astype(int) - bicubic).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["RGB", "I;16"])
+def test_a_picture_quantised_band_by_band_equals_the_whole_float_output_quantised(mode, sample_images):
+    """upscale_bytes writes each finished band of tiles into the integer output; with tiles of 16 on a
+    48x64 photograph (four bands) the file must hold exactly the whole tiled float SR, clipped and rounded."""
+    photo = read_rgb(sample_images / "eval" / "tulips.png")[50:98, 60:124]
+    if mode == "RGB":
+        source, top = photo, 255
+    else:  # 16-bit gray: the model sees it in three equal channels; the output is its luma at 16 bits
+        source, top = np.asarray(Image.fromarray(photo).convert("L")).astype(np.uint16) * 257 + 100, 65535
+    buffer = io.BytesIO()
+    Image.fromarray(source).save(buffer, format="PNG")
+    torch.manual_seed(0)
+    model = Student(scale=2, n_groups=1, n_blocks=1).eval()
+    data, fmt = upscale_bytes(model, buffer.getvalue(), "tulips.png", tile=16, overlap=4)
+    rgb = source.astype(np.float32)[..., None].repeat(3, axis=2) if mode == "I;16" else source.astype(np.float32)
+    lr = torch.from_numpy(rgb / np.float32(top)).permute(2, 0, 1)[None]
+    sr = upscale_tiled(model, lr, tile=16, overlap=4)[0].permute(1, 2, 0).numpy()
+    sr = np.clip(sr, 0, 1)
+    if mode == "I;16":
+        sr = sr @ np.array([0.299, 0.587, 0.114], np.float32)
+    expected = np.round(np.clip(sr, 0, 1) * np.float32(top)).astype(np.uint16 if top == 65535 else np.uint8)
+    out = Image.open(io.BytesIO(data))
+    assert fmt == "PNG" and out.mode == mode and out.size == (128, 96)
+    np.testing.assert_array_equal(np.asarray(out), expected)

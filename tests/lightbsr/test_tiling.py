@@ -19,6 +19,7 @@ from lightbsr.tiling import (
     spatial_code_tiled,
     tile_starts,
     upscale,
+    upscale_bands,
     upscale_tiled,
 )
 
@@ -238,3 +239,36 @@ def test_too_small_images_are_rejected_with_their_size(size):
 def test_a_model_that_is_not_a_tile_model_is_refused_with_its_type():
     with pytest.raises(TypeError, match="got Conv2d"):
         upscale_tiled(torch.nn.Conv2d(3, 3, 3), torch.rand(1, 3, 300, 300))
+
+
+def ramp(starts: list[int], i: int, tile: int, length: int) -> torch.Tensor:
+    """Window i's x2 HR ramp across what it shares with the windows before and after it."""
+    end = min(starts[i] + tile, length)
+    left = min(starts[i - 1] + tile, length) - starts[i] if i > 0 else 0
+    right = end - starts[i + 1] if i + 1 < len(starts) else 0
+    return blend_ramp(2 * (end - starts[i]), 2 * left, 2 * right)
+
+
+def test_bands_are_final_when_handed_on_and_equal_blending_every_tile_at_once(sample_images):
+    """The bands, copied as they come, against the plain way of blending: every weighted tile and every
+    weight summed over the whole image, divided at the end. A band handed on before the next tile row
+    blended into it would miss that row's share."""
+    student = Student(scale=2, n_groups=1, n_blocks=1).eval()
+    lr = torch.from_numpy(read_rgb(sample_images / "eval" / "tulips.png")[40:90, 30:100]).permute(2, 0, 1)[None]
+    lr = lr.float() / 255
+    tile, overlap = 20, 6
+    bands = [(row, band.clone()) for row, band in upscale_bands(student, lr, tile, overlap)]
+    with torch.no_grad():
+        idr_mean = idr_mean_tiled(student, lr, tile)
+        total, weights = torch.zeros(1, 3, 100, 140), torch.zeros(1, 1, 100, 140)
+        ys, xs = tile_starts(50, tile, overlap), tile_starts(70, tile, overlap)
+        for (i, y0), (j, x0) in itertools.product(enumerate(ys), enumerate(xs)):
+            y1, x1 = min(y0 + tile, 50), min(x0 + tile, 70)
+            xk = spatial_code_tiled(student, lr, (y0, y1), (x0, x1))
+            sr = student.reconstruct_tile(lr[..., y0:y1, x0:x1], idr_mean, xk)
+            weight = (ramp(ys, i, tile, 50)[:, None] * ramp(xs, j, tile, 70)[None, :])[None, None]
+            total[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1] += sr * weight
+            weights[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1] += weight
+    assert len(ys) == 4 and [row for row, _ in bands] == [2 * y0 for y0 in ys]  # one band per tile row
+    assert sum(band.shape[2] for _, band in bands) == 100
+    torch.testing.assert_close(torch.cat([band for _, band in bands], dim=2), total / weights, rtol=0, atol=1e-5)
