@@ -71,9 +71,11 @@ class TeacherObjective(nn.Module):
     The step is the authors' MoCo step (`moco/builder.py`): the query encoder runs once per view, so
     BatchNorm normalises each view with the statistics of its own B items (SyncBatchNorm: of that
     view on all workers), then once more over view 0 for the generator; the momentum update follows,
-    then the key encoder runs once per view. Here each encoder runs once over all B*V crops with
-    BatchNorm statistics per view (`DegradationEncoder.forward` with `views`): the convolutions are
-    per item, so this gives the per-view calls' numbers in one pass. The generator reuses view 0's
+    then the key encoder runs once per view. Here each encoder runs once over all B*V crops (item-major
+    rows, as `lr` holds them) with BatchNorm statistics per view: the convolutions are per item, so
+    this gives the per-view calls' numbers in one pass. The query encoder runs in NCHW
+    (`DegradationEncoder.forward` with `views`), the gradient-free key encoder in channels_last
+    (`DegradationEncoder.forward_views_no_grad`, faster on CPU). The generator reuses view 0's
     query output (same input, weights and batch statistics as the authors' separate view-0 pass: the
     same numbers and gradient); each BatchNorm repeats view 0's running-statistics update, as that
     fifth pass leaves them.
