@@ -5,13 +5,16 @@ encoders run once over all B*V crops (BatchNorm statistics pooled over the views
 channels_last ("joint_nchw": the same in NCHW, the layout the authors' step needs, see
 `lightbsr.encoder`). "per_view_calls" is the first equal-to-the-authors version, rebuilt here: each encoder
 called once per view, plus a gradient-free view-0 repeat for the running statistics. "batched" is
-`lightbsr.objectives.TeacherObjective`: each encoder once over all B*V crops with BatchNorm
-statistics per view. All three run in the same process, in rotating order, forward + backward +
-Adam step, on the same batch.
+`lightbsr.objectives.TeacherObjective`: the query encoder once over all B*V crops (NCHW) with BatchNorm
+statistics per view, the key encoder once over them in channels_last with one BatchNorm call per view.
+All run in the same process, in rotating order, forward + backward + Adam step, on the same batch. Each
+step's wall time and process CPU time are recorded (on a shared machine the CPU time is the steadier one).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/teacher_step.py
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/teacher_step.py --batch 32 --patch 48 --phases 1 --rounds 12 0
 
-writes benchmarks/results/teacher_step.json and .md.
+write benchmarks/results/teacher_step.json and .md (the default size), or teacher_step_B32_V4_LR48.* for
+another size.
 """
 
 from __future__ import annotations
@@ -100,13 +103,20 @@ def make(kind: str, args: argparse.Namespace) -> tuple[TeacherObjective, torch.o
     return objective, torch.optim.Adam(trainable, lr=1e-4, betas=(0.9, 0.99))
 
 
-def step(objective: TeacherObjective, optimizer: torch.optim.Optimizer, batch: tuple, phase: int) -> float:
-    start = time.perf_counter()
+def step(
+    objective: TeacherObjective, optimizer: torch.optim.Optimizer, batch: tuple, phase: int
+) -> tuple[float, float]:
+    """One step: (wall seconds, process CPU seconds)."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     terms = objective(*batch, phase=phase)
     optimizer.zero_grad()
     terms["total"].backward()
     optimizer.step()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
 
 
 def main() -> None:
@@ -120,7 +130,10 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, nargs=2, default=[45, 9], help="phase 1, phase 2: rounds of one step per kind"
     )
+    parser.add_argument("--phases", type=int, nargs="+", choices=[1, 2], default=[1, 2])
     args = parser.parse_args()
+    default_size = (args.batch, args.views, args.patch) == (8, 4, 24)
+    stem = "teacher_step" if default_size else f"teacher_step_B{args.batch}_V{args.views}_LR{args.patch}"
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     lr = torch.rand(args.batch, args.views, 3, args.patch, args.patch, generator=g)
@@ -135,53 +148,54 @@ def main() -> None:
         "rounds": args.rounds,
         "phases": {},
     }
-    for phase in (1, 2):
+    for phase in args.phases:
         runs = {kind: make(kind, args) for kind in KINDS}
         for objective, optimizer in runs.values():
             step(objective, optimizer, batch, phase)  # warm-up
         times: dict[str, list[float]] = {kind: [] for kind in runs}
+        cpu_times: dict[str, list[float]] = {kind: [] for kind in runs}
         ratios: dict[str, list[float]] = {kind: [] for kind in runs if kind != "joint"}
+        cpu_ratios: dict[str, list[float]] = {kind: [] for kind in ratios}
         kinds = list(KINDS)
         for i in range(args.rounds[phase - 1]):
             order = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]
             seconds = {kind: step(*runs[kind], batch, phase) for kind in order}
             for kind in runs:
-                times[kind].append(seconds[kind])
+                times[kind].append(seconds[kind][0])
+                cpu_times[kind].append(seconds[kind][1])
             for kind in ratios:
-                ratios[kind].append(seconds[kind] / seconds["joint"])
+                ratios[kind].append(seconds[kind][0] / seconds["joint"][0])
+                cpu_ratios[kind].append(seconds[kind][1] / seconds["joint"][1])
         result["phases"][phase] = {
             **{f"{kind}_median_s": statistics.median(times[kind]) for kind in runs},
-            **{
-                f"{kind}_ratio": {
-                    "median": statistics.median(r),
-                    "min": min(r),
-                    "max": max(r),
-                }
-                for kind, r in ratios.items()
-            },
+            **{f"{kind}_cpu_median_s": statistics.median(cpu_times[kind]) for kind in runs},
+            **{f"{kind}_ratio": summary(r) for kind, r in ratios.items()},
+            **{f"{kind}_cpu_ratio": summary(r) for kind, r in cpu_ratios.items()},
         }
         print(f"phase {phase}: {json.dumps(result['phases'][phase])}", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "teacher_step.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         f"Teacher step (forward + backward + Adam), B={args.batch}, V={args.views}, LR {args.patch}x{args.patch}, "
         f"n_groups={args.n_groups}, n_blocks={args.n_blocks}, {args.threads} threads, {args.rounds[0]} / {args.rounds[1]} rounds "
         f"in phase 1 / 2 (one step of each kind per round, order rotating), torch {torch.__version__}, {result['when']}.",
-        "Ratios: time / joint time within a round; median, min and max over the rounds.",
+        "Ratios: time / joint time within a round; median, min and max over the rounds. Wall: elapsed time; "
+        "CPU: the process's CPU time (both threads), less disturbed by other load on a shared machine.",
         "",
-        "| phase | joint pass (s, median) | joint NCHW (s) | per-view calls (s) | batched per-view BN (s) "
+        "| phase | clock | joint pass (s, median) | joint NCHW (s) | per-view calls (s) | batched per-view BN (s) "
         "| joint NCHW / joint | per-view calls / joint | batched / joint |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for phase, r in result["phases"].items():
-        medians = " | ".join(f"{r[f'{kind}_median_s']:.3f}" for kind in KINDS)
-        ratios_text = " | ".join(
-            f"{r[f'{kind}_ratio']['median']:.3f} ({r[f'{kind}_ratio']['min']:.2f}-{r[f'{kind}_ratio']['max']:.2f})"
-            for kind in KINDS
-            if kind != "joint"
-        )
-        lines.append(f"| {phase} | {medians} | {ratios_text} |")
-    (RESULTS / "teacher_step.md").write_text("\n".join(lines) + "\n")
+        for clock, key in (("wall", ""), ("CPU", "_cpu")):
+            medians = " | ".join(f"{r[f'{kind}{key}_median_s']:.3f}" for kind in KINDS)
+            ratios_text = " | ".join(
+                "{median:.3f} ({min:.2f}-{max:.2f})".format(**r[f"{kind}{key}_ratio"])
+                for kind in KINDS
+                if kind != "joint"
+            )
+            lines.append(f"| {phase} | {clock} | {medians} | {ratios_text} |")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

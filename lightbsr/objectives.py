@@ -71,9 +71,11 @@ class TeacherObjective(nn.Module):
     The step is the authors' MoCo step (`moco/builder.py`): the query encoder runs once per view, so
     BatchNorm normalises each view with the statistics of its own B items (SyncBatchNorm: of that
     view on all workers), then once more over view 0 for the generator; the momentum update follows,
-    then the key encoder runs once per view. Here each encoder runs once over all B*V crops with
-    BatchNorm statistics per view (`DegradationEncoder.forward` with `views`): the convolutions are
-    per item, so this gives the per-view calls' numbers in one pass. The generator reuses view 0's
+    then the key encoder runs once per view. Here each encoder runs once over all B*V crops (item-major
+    rows, as `lr` holds them) with BatchNorm statistics per view: the convolutions are per item, so
+    this gives the per-view calls' numbers in one pass. The query encoder runs in NCHW
+    (`DegradationEncoder.forward` with `views`), the gradient-free key encoder in channels_last
+    (`DegradationEncoder.forward_views_no_grad`, faster on CPU). The generator reuses view 0's
     query output (same input, weights and batch statistics as the authors' separate view-0 pass: the
     same numbers and gradient); each BatchNorm repeats view 0's running-statistics update, as that
     fifth pass leaves them.
@@ -91,18 +93,18 @@ class TeacherObjective(nn.Module):
         batch, views = lr.shape[:2]
         if views < 2:
             raise ValueError(f"the teacher needs at least 2 views per item, got V={views}")
-        # view-major (V*B, 3 + P, h, w): view v's items are rows v*B .. (v+1)*B - 1
-        x = teacher.encoder_input(lr.transpose(0, 1).flatten(0, 1), prior.repeat(views, 1))
-        idr = teacher.encoder(x, views=views, repeat_first_view=True)  # (V*B, 128, h/4, w/4)
-        q = teacher.head(idr).view(views, batch, -1).transpose(0, 1)  # (B, V, 128)
+        # item-major (B*V, 3 + P, h, w): row b * V + v is view v of item b, as lr holds them
+        x = teacher.encoder_input(lr.flatten(0, 1), prior.repeat_interleave(views, dim=0))
+        idr = teacher.encoder(x, views=views, repeat_first_view=True, by_item=True)  # (B*V, 128, h/4, w/4)
+        q = teacher.head(idr).view(batch, views, -1)  # (B, V, 128)
         teacher.momentum_update()
         with torch.no_grad():
-            k = teacher.key_head(teacher.key_encoder(x, views=views)).view(views, batch, -1).transpose(0, 1).float()
+            k = teacher.key_head(teacher.key_encoder.forward_views_no_grad(x, views)).view(batch, views, -1).float()
         contrastive = contrastive_loss(q, k, teacher.queue.clone(), cfg.contrastive_temperature)
         terms: Terms = {"contrastive": contrastive}
         total = cfg.contrastive_weight * contrastive
         if phase == 2:
-            ca, xk = teacher.generator.convert(idr[:batch], _size(lr))
+            ca, xk = teacher.generator.convert(idr.view(batch, views, *idr.shape[1:])[:, 0], _size(lr))
             sr = teacher.generator.reconstruct(lr[:, 0], ca, xk)
             terms["l1"] = l1_255(sr, hr[:, 0])
             total = total + cfg.l1_weight * terms["l1"]

@@ -108,6 +108,21 @@ def test_teacher_step_with_sync_batch_norm_equals_the_plain_one(teacher_batch):
         torch.testing.assert_close(value, buffers[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_channels_last_key_pass_equals_the_encoder_with_per_view_statistics():
+    """The key encoder's gradient-free pass (channels_last, one BatchNorm call per view) gives the rows and
+    running statistics of the differentiable per-view pass; 3 items x 2 views, each row scaled apart, so rows
+    swapped between items and views cannot go unseen."""
+    reference = small_teacher().key_encoder.train()
+    fast = copy.deepcopy(reference)
+    views = 2
+    x = torch.rand(3 * views, 18, 12, 12) * torch.arange(1, 3 * views + 1)[:, None, None, None]
+    with torch.no_grad():
+        expected = reference(x, views=views, by_item=True)
+    torch.testing.assert_close(fast.forward_views_no_grad(x, views), expected, rtol=1e-4, atol=1e-5)
+    for name, value in reference.state_dict().items():  # running statistics and batch counts
+        torch.testing.assert_close(fast.state_dict()[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_teacher_needs_several_views(teacher_batch):
     lr, hr, prior = teacher_batch
     with pytest.raises(ValueError, match="2 views"):
