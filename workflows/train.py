@@ -165,7 +165,8 @@ def _trainer(
     callbacks: list | tuple,
     workers: int | tuple[int, int],
 ):
-    """The TorchTrainer of a stage on `workers` (`scaling_workers`): the shard stream unless a ready `dataset` is given."""
+    """The TorchTrainer of a stage on `workers` (`scaling_workers`): the shard stream unless a ready
+    `dataset` is given."""
     from ray import LoggingConfig
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -299,9 +300,9 @@ def fit_watching_capacity(cfg: Config, trainer: Any, workers: int | tuple[int, i
 def _fit_interruptible(cfg: Config, trainer: Any, workers: int | tuple[int, int], with_stream: bool) -> Any:
     """`trainer.fit()` on the main thread; a capacity loss sends this process the SIGINT of a Ctrl-C.
 
-    Ray Train's SIGINT handler aborts the controller and then exits through SystemExit(0) (or fit()
-    fails on the dead controller); both become KeyboardInterrupt here, or CapacityLost when the
-    watcher sent the signal. Ray Train leaves its handler installed, so the previous one is restored.
+    Ray Train's SIGINT handler aborts the controller, then raises SystemExit(0): that becomes
+    KeyboardInterrupt here, or CapacityLost when the watcher sent the signal (as does fit() failing
+    on the aborted controller). Ray Train leaves its handler installed: the previous one is restored.
     """
     import signal
     import threading
@@ -313,7 +314,7 @@ def _fit_interruptible(cfg: Config, trainer: Any, workers: int | tuple[int, int]
 
     def watch() -> None:
         message = _wait_for_capacity_loss(cfg, workers, with_stream, done.wait)
-        if message is not None:
+        if message is not None and not done.is_set():  # not once fit() has returned
             lost.append(message)
             os.kill(os.getpid(), signal.SIGINT)
 
