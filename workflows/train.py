@@ -249,6 +249,8 @@ def check_capacity(cfg: Config, workers: int | tuple[int, int], with_stream: boo
 
 
 CAPACITY_POLL_S = 2.0
+#: how long a capacity loss waits for Ray Train's graceful abort before forcing it
+ABORT_GRACE_S = 30.0
 
 
 class CapacityLost(RuntimeFailure):
@@ -302,7 +304,10 @@ def _fit_interruptible(cfg: Config, trainer: Any, workers: int | tuple[int, int]
 
     Ray Train's SIGINT handler aborts the controller, then raises SystemExit(0): that becomes
     KeyboardInterrupt here, or CapacityLost when the watcher sent the signal (as does fit() failing
-    on the aborted controller). Ray Train leaves its handler installed: the previous one is restored.
+    on the aborted controller). A controller stuck placing workers that do not fit never gets to the
+    abort; after ABORT_GRACE_S the watcher sends SIGINT again, and the third makes Ray Train's
+    handler exit at once (as three Ctrl-Cs do). Ray Train leaves its handler installed: the previous
+    one is restored.
     """
     import signal
     import threading
@@ -314,8 +319,13 @@ def _fit_interruptible(cfg: Config, trainer: Any, workers: int | tuple[int, int]
 
     def watch() -> None:
         message = _wait_for_capacity_loss(cfg, workers, with_stream, done.wait)
-        if message is not None and not done.is_set():  # not once fit() has returned
-            lost.append(message)
+        if message is None or done.is_set():  # no signal once fit() has returned
+            return
+        lost.append(message)
+        os.kill(os.getpid(), signal.SIGINT)
+        if done.wait(ABORT_GRACE_S):
+            return
+        while not done.wait(1.0):  # one at a time: signals sent together count once
             os.kill(os.getpid(), signal.SIGINT)
 
     previous = signal.getsignal(signal.SIGINT)
@@ -331,6 +341,7 @@ def _fit_interruptible(cfg: Config, trainer: Any, workers: int | tuple[int, int]
         raise KeyboardInterrupt from None
     finally:
         done.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a signal the watcher is sending right now goes nowhere
         watcher.join()
         signal.signal(signal.SIGINT, previous)
 
