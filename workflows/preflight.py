@@ -346,21 +346,30 @@ def _check_shared_tracking(cfg: Config, nodes: int) -> None:
 STREAM_READ_CPUS = 1.0  # Ray Data's read task of the training stream, beside the chunk makers
 
 
+def stream_cpus(cfg: Config) -> float:
+    """CPUs the training stream declares: `data.data_cpus` for the chunk makers plus one for Ray Data's read."""
+    return cfg.data.data_cpus + STREAM_READ_CPUS
+
+
+def _stream_recipe(cfg: Config) -> str:
+    return f"data.data_cpus ({cfg.data.data_cpus:g}) + {STREAM_READ_CPUS:g} for Ray Data's read"
+
+
 def check_cpus(cfg: Config, nodes: list[dict[str, float]], where: str, *, with_stream: bool = True) -> None:
     """The smallest allowed worker group fits on the nodes (each worker on one node) and leaves the
-    data stream its CPUs (`data.data_cpus` for the chunk makers plus one for Ray Data's read).
+    data stream its CPUs (`stream_cpus`).
 
     Without them Ray Train waits for its workers without end (it retries the group every minute),
     or the stream does: the workers and chunk makers start first, and a read task that finds no
     CPU left waits forever with zero rows.
     """
     workers, per_worker = cfg.train.worker_counts.start, cfg.train.cpus_per_worker
-    data = cfg.data.data_cpus + STREAM_READ_CPUS if with_stream else 0.0
+    data = stream_cpus(cfg) if with_stream else 0.0
     total = sum(node.get("CPU", 0.0) for node in nodes)
     needed = workers * per_worker + data
     recipe = f"train.num_workers ({workers}) x train.cpus_per_worker ({per_worker:g})"
     if with_stream:
-        recipe += f" + data.data_cpus ({cfg.data.data_cpus:g}) + {STREAM_READ_CPUS:g} for Ray Data's read"
+        recipe += f" + {_stream_recipe(cfg)}"
     if total + 1e-9 < needed:
         raise ConfigError(
             f"{recipe} = {needed:g} CPUs, but {where} has {total:g}: {needed - total:g} CPU(s) missing. "
@@ -372,6 +381,38 @@ def check_cpus(cfg: Config, nodes: list[dict[str, float]], where: str, *, with_s
         raise ConfigError(
             f"train.num_workers ({workers}) x train.cpus_per_worker ({per_worker:g}){custom}: a worker's resources "
             f"must be on one node, and the nodes of {where} hold only {fit} such worker(s)"
+        )
+
+
+def elastic_maximum(cfg: Config, nodes: list[dict[str, float]]) -> int:
+    """The most train workers a run may scale to on `nodes`: the maximum of `train.num_workers`, lowered
+    so that the workers' CPUs leave the stream its `stream_cpus` (below the minimum when even that
+    group does not leave them; `check_cpus` names that case).
+
+    Ray Train starts, and after a failure restarts, an elastic group with as many workers as the
+    nodes hold, up to the maximum, before the stream asks for its CPUs: uncapped, the workers can
+    take every CPU and the stream waits forever with zero rows.
+    """
+    total = sum(node.get("CPU", 0.0) for node in nodes)
+    by_cpus = math.floor((total - stream_cpus(cfg)) / cfg.train.cpus_per_worker + 1e-9)
+    return min(cfg.train.worker_counts.stop - 1, by_cpus)
+
+
+def check_stream_left(cfg: Config, nodes: list[dict[str, float]], maximum: int, where: str) -> None:
+    """The group Ray Train would (re)start on `nodes` (as many workers as they hold, up to `maximum`)
+    leaves the stream its CPUs. After a node loss a group below `maximum` fills the nodes that are
+    left, so this can fail where `check_cpus` passes."""
+    workers = min(maximum, sum(workers_on_node(cfg, node) for node in nodes))
+    if workers < cfg.train.worker_counts.start:
+        return  # no group starts at all: check_cpus names what is missing
+    total = sum(node.get("CPU", 0.0) for node in nodes)
+    used = workers * cfg.train.cpus_per_worker
+    if total - used + 1e-9 < stream_cpus(cfg):
+        raise ConfigError(
+            f"Ray Train would (re)start {workers} worker(s) of train.num_workers ({cfg.train.num_workers}; at most "
+            f"{maximum} in this run) on {where}: x train.cpus_per_worker ({cfg.train.cpus_per_worker:g}) = {used:g} of "
+            f"its {total:g} CPUs, leaving {total - used:g} where the data stream needs {_stream_recipe(cfg)} = "
+            f"{stream_cpus(cfg):g}; it would wait forever with zero rows"
         )
 
 

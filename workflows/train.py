@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -155,8 +157,16 @@ def _completed(cfg: Config, stage: str, run_name: str, found: Found, tracking: b
     return StageResult(stage, run_name, found.checkpoint, found.epoch, found.iteration, found.metrics, run_id)
 
 
-def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, callbacks: list | tuple):
-    """The TorchTrainer of a stage: the shard stream unless a ready `dataset` is given."""
+def _trainer(
+    cfg: Config,
+    stage: str,
+    loop_config: dict[str, Any],
+    dataset,
+    callbacks: list | tuple,
+    workers: int | tuple[int, int],
+):
+    """The TorchTrainer of a stage on `workers` (`scaling_workers`): the shard stream unless a ready
+    `dataset` is given."""
     from ray import LoggingConfig
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -181,7 +191,7 @@ def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, call
         # mypy sees Ray Train V1's configs; V2's (the ones in use) take a (min, max) range of workers
         # (elastic training) and a worker_runtime_env
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,  # type: ignore[arg-type]
+            num_workers=workers,  # type: ignore[arg-type]
             use_gpu=cfg.train.use_gpu,
             resources_per_worker=resources,
         ),
@@ -199,17 +209,48 @@ def _trainer(cfg: Config, stage: str, loop_config: dict[str, Any], dataset, call
     )
 
 
-def check_capacity(cfg: Config, with_stream: bool) -> None:
-    """The Ray cluster this run joined has the CPUs its workers and data stream need (see preflight.check_cpus)."""
+def _alive_nodes() -> list[dict[str, float]]:
     import ray
 
-    from workflows.preflight import check_cpus
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+def scaling_workers(cfg: Config, with_stream: bool) -> int | tuple[int, int]:
+    """`train.num_workers` as Ray Train gets it, once the cluster this run joined holds the smallest
+    worker group and the data stream (`preflight.check_cpus`): a range's maximum is lowered so the
+    workers always leave the stream its CPUs (`preflight.elastic_maximum`)."""
+    from workflows.preflight import check_cpus, elastic_maximum, stream_cpus
+
+    nodes = _alive_nodes()
     check_cpus(cfg, nodes, "the Ray cluster", with_stream=with_stream)
+    if isinstance(cfg.train.num_workers, int) or not with_stream:
+        return cfg.train.num_workers
+    low, high = cfg.train.num_workers
+    top = elastic_maximum(cfg, nodes)
+    if top < high:
+        cpus = sum(node.get("CPU", 0.0) for node in nodes)
+        print(
+            f"[train] train.num_workers [{low}, {high}]: at most {top} worker(s) on the {cpus:g} CPUs of this cluster, "
+            f"so that the data stream keeps its {stream_cpus(cfg):g} (data.data_cpus + 1 for Ray Data's read)"
+        )
+    return (low, top)
+
+
+def check_capacity(cfg: Config, workers: int | tuple[int, int], with_stream: bool) -> None:
+    """The alive nodes hold the smallest worker group and the data stream, and the group Ray Train
+    would (re)start on them, up to the maximum of `workers`, leaves the stream its CPUs."""
+    from workflows.preflight import check_cpus, check_stream_left
+
+    nodes = _alive_nodes()
+    check_cpus(cfg, nodes, "the Ray cluster", with_stream=with_stream)
+    if with_stream:
+        maximum = workers if isinstance(workers, int) else workers[1]
+        check_stream_left(cfg, nodes, maximum, "the Ray cluster")
 
 
 CAPACITY_POLL_S = 2.0
+#: how long a capacity loss waits for Ray Train's graceful abort before forcing it
+ABORT_GRACE_S = 30.0
 
 
 class CapacityLost(RuntimeFailure):
@@ -217,17 +258,24 @@ class CapacityLost(RuntimeFailure):
     `train.capacity_wait_s` (a lost node that did not come back)."""
 
 
-def fit_watching_capacity(cfg: Config, trainer: Any, with_stream: bool) -> Any:
+def fit_watching_capacity(cfg: Config, trainer: Any, workers: int | tuple[int, int], with_stream: bool) -> Any:
     """`trainer.fit()`, failed with CapacityLost when the alive nodes lack the capacity of the smallest
-    worker group (CPUs, `train.worker_resources`) plus the data stream for `train.capacity_wait_s`.
+    worker group (CPUs, `train.worker_resources`) plus the data stream, or the group Ray Train would
+    restart leaves the stream no CPUs, for `train.capacity_wait_s`.
 
     Without this, Ray Train waits for a placement without end, and a restored run whose train
     workers and chunk makers took every CPU waits forever for a CPU for Ray Data's read task.
-    `fit()` runs in a daemon thread; this thread watches the cluster and leaves that one behind on
-    failure (the job's actors end with the driver).
+
+    On the main thread (the commands) `fit()` runs right here, so Ray Train's own Ctrl-C handler
+    aborts the run (workers stopped, only complete checkpoints recorded) and Ctrl-C reaches the
+    caller as KeyboardInterrupt; a watcher thread ends a run that lost its capacity the same way.
+    Elsewhere (a Tune trial, a test's thread) no signal reaches `fit()`: it runs in a daemon thread
+    that is left behind on a capacity loss (the job's actors end with the driver).
     """
     import threading
 
+    if threading.current_thread() is threading.main_thread():
+        return _fit_interruptible(cfg, trainer, workers, with_stream)
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -238,12 +286,74 @@ def fit_watching_capacity(cfg: Config, trainer: Any, with_stream: bool) -> Any:
 
     thread = threading.Thread(target=run, name="lightbsr-fit", daemon=True)
     thread.start()
+
+    def finished(seconds: float) -> bool:
+        thread.join(seconds)
+        return not thread.is_alive()
+
+    lost = _wait_for_capacity_loss(cfg, workers, with_stream, finished)
+    if lost is not None:
+        raise CapacityLost(lost)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _fit_interruptible(cfg: Config, trainer: Any, workers: int | tuple[int, int], with_stream: bool) -> Any:
+    """`trainer.fit()` on the main thread; a capacity loss sends this process the SIGINT of a Ctrl-C.
+
+    Ray Train's SIGINT handler aborts the controller, then raises SystemExit(0): that becomes
+    KeyboardInterrupt here, or CapacityLost when the watcher sent the signal (as does fit() failing
+    on the aborted controller). A controller stuck placing workers that do not fit never gets to the
+    abort; after ABORT_GRACE_S the watcher sends SIGINT again, and the third makes Ray Train's
+    handler exit at once (as three Ctrl-Cs do). Ray Train leaves its handler installed: the previous
+    one is restored.
+    """
+    import signal
+    import threading
+
+    from ray.exceptions import RayActorError
+
+    done = threading.Event()
+    lost: list[str] = []
+
+    def watch() -> None:
+        message = _wait_for_capacity_loss(cfg, workers, with_stream, done.wait)
+        if message is None or done.is_set():  # no signal once fit() has returned
+            return
+        lost.append(message)
+        os.kill(os.getpid(), signal.SIGINT)
+        if done.wait(ABORT_GRACE_S):
+            return
+        while not done.wait(1.0):  # one at a time: signals sent together count once
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.getsignal(signal.SIGINT)
+    watcher = threading.Thread(target=watch, name="lightbsr-capacity", daemon=True)
+    watcher.start()
+    try:
+        return trainer.fit()
+    except (KeyboardInterrupt, SystemExit, RayActorError) as error:
+        if lost:
+            raise CapacityLost(lost[0]) from None
+        if isinstance(error, RayActorError):
+            raise
+        raise KeyboardInterrupt from None
+    finally:
+        done.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a signal the watcher is sending right now goes nowhere
+        watcher.join()
+        signal.signal(signal.SIGINT, previous)
+
+
+def _wait_for_capacity_loss(
+    cfg: Config, workers: int | tuple[int, int], with_stream: bool, finished: Callable[[float], bool]
+) -> str | None:
+    """Poll the cluster until `finished(CAPACITY_POLL_S)` says the run ended (None), or until it has
+    lacked capacity for `train.capacity_wait_s` (what CapacityLost says)."""
     short_since: float | None = None
-    while thread.is_alive():
-        thread.join(CAPACITY_POLL_S)
-        if not thread.is_alive():
-            break
-        missing = _capacity_missing(cfg, with_stream)
+    while not finished(CAPACITY_POLL_S):
+        missing = _capacity_missing(cfg, workers, with_stream)
         if missing is None:
             short_since = None
             continue
@@ -254,20 +364,18 @@ def fit_watching_capacity(cfg: Config, trainer: Any, with_stream: bool) -> Any:
                 f"[train] waiting up to {cfg.train.capacity_wait_s:g} s (train.capacity_wait_s) for capacity: {missing}"
             )
         elif now - short_since > cfg.train.capacity_wait_s:
-            raise CapacityLost(
+            return (
                 f"the Ray cluster lacked the capacity this run needs for {now - short_since:.0f} s "
                 f"(train.capacity_wait_s = {cfg.train.capacity_wait_s:g}): {missing}. The last checkpoint is kept: "
                 "rerun the same command once nodes are back, or allow fewer workers (train.num_workers: [min, max])"
             )
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    return None
 
 
-def _capacity_missing(cfg: Config, with_stream: bool) -> str | None:
+def _capacity_missing(cfg: Config, workers: int | tuple[int, int], with_stream: bool) -> str | None:
     """What the alive nodes lack for the smallest worker group and the stream; None when they have it."""
     try:
-        check_capacity(cfg, with_stream)
+        check_capacity(cfg, workers, with_stream)
     except ConfigError as error:
         return str(error)
     return None
@@ -310,7 +418,7 @@ def train_stage(
             return _completed(cfg, stage, run_name, found, tracking)
 
     init_ray(cfg.ray)
-    check_capacity(cfg, with_stream=dataset is None)
+    workers = scaling_workers(cfg, with_stream=dataset is None)
     tags = {"lightbsr.stage": stage, **(mlflow_tags or {})}
     with mlflow_tracking.stage_run(cfg, run_name, tags, enabled=tracking) as run_id:
         if run_id and dataset is None:  # lineage: the shards this run reads, as its MLflow dataset input
@@ -327,9 +435,8 @@ def train_stage(
             "check_stream_start": dataset is None,
         }
         try:
-            result = fit_watching_capacity(
-                cfg, _trainer(cfg, stage, loop_config, dataset, callbacks), with_stream=dataset is None
-            )
+            trainer = _trainer(cfg, stage, loop_config, dataset, callbacks, workers)
+            result = fit_watching_capacity(cfg, trainer, workers, with_stream=dataset is None)
         except TrainingFailedError as error:
             raise RuntimeFailure(f"training {run_name} failed: {_first_line(error)}") from error
         checkpoint = checkpoint_url(cfg, result.checkpoint)

@@ -183,6 +183,31 @@ def test_more_gpus_than_this_machine_has_fails_naming_the_key(tmp_path):
     fails_fast_naming(lambda: check(cfg), "train.use_gpu" if have == 0 else "train.num_workers")
 
 
+ELASTIC = ("train.num_workers=[2,4]", "train.batch_size=12", "train.cpus_per_worker=1", "data.data_cpus=0.5")
+
+
+@pytest.mark.parametrize(("node_cpus", "maximum"), [((2, 2, 2), 4), ((2, 2, 1), 3), ((2, 2), 2)])
+def test_an_elastic_maximum_leaves_the_data_stream_its_cpus(tmp_path, node_cpus, maximum):
+    from workflows.preflight import elastic_maximum
+
+    # the stream declares 0.5 (data.data_cpus) + 1 (Ray Data's read) = 1.5 CPUs beside 1-CPU workers
+    cfg = local_config(tmp_path, *ELASTIC)
+    assert elastic_maximum(cfg, [{"CPU": float(n)} for n in node_cpus]) == maximum
+
+
+def test_a_restart_that_would_take_the_stream_cpus_after_a_node_loss_names_the_numbers(tmp_path):
+    from workflows.preflight import check_cpus, check_stream_left
+
+    cfg = local_config(tmp_path, *ELASTIC)
+    left = [{"CPU": 2.0}, {"CPU": 2.0}]  # a node of three lost; the run started with a maximum of 4
+    check_cpus(cfg, left, "the Ray cluster")  # the smallest group (2) and the stream (1.5) fit in 4 CPUs ...
+    message = fails_fast_naming(lambda: check_stream_left(cfg, left, 4, "the Ray cluster"), "train.num_workers")
+    # ... but Ray Train would restart with 4 workers and leave the stream nothing
+    assert "(re)start 4 worker(s)" in message and "= 4 of its 4 CPUs, leaving 0" in message, message
+    assert "data.data_cpus (0.5) + 1 for Ray Data's read = 1.5" in message, message
+    check_stream_left(cfg, left, 2, "the Ray cluster")  # a maximum of 2 leaves it its 1.5
+
+
 @pytest.mark.integration
 def test_gpu_asked_for_on_a_ray_cluster_without_one_fails_naming_the_key(tmp_path, ray_local):
     if ray_local.cluster_resources().get("GPU", 0):

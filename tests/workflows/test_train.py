@@ -4,8 +4,10 @@ Small networks (1 group x 1 block), tiny patches cut from the real sample photog
 in-memory Ray Dataset in the batch-contract format standing in for the shard stream.
 """
 
+import contextlib
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -301,7 +303,11 @@ def test_a_wrong_s3_secret_is_one_line_without_the_secret(s3_server, mlflow_serv
 
 
 def test_the_shard_stream_restarts_after_the_checkpoint_the_workers_restore(ray_local, tmp_path, sample_images):
-    """A killed worker: the stream is rebuilt after the restored epoch (the workers check it) and the run ends."""
+    """A killed worker: the stream is rebuilt after the restored epoch (the workers check it) and the run ends.
+
+    The range of workers could take every CPU (two workers of half the cluster each); the run keeps
+    the stream's CPUs free by starting, and restarting, one worker.
+    """
     import shutil
 
     from workflows.resume import read_stream_start
@@ -309,9 +315,13 @@ def test_the_shard_stream_restarts_after_the_checkpoint_the_workers_restore(ray_
 
     (tmp_path / "src").mkdir()
     shutil.copy(sample_images / "train" / "chelsea.png", tmp_path / "src")
+    half = ray_local.cluster_resources()["CPU"] / 2
+    assert half >= 1.5, "the stream's CPUs (0.5 + 1 for the read) must fit beside one worker"
     cfg = tiny_config(
         tmp_path,
         sample_images,
+        "train.num_workers=[1,2]",
+        f"train.cpus_per_worker={half}",
         "data.tiles_per_shard=10",
         "data.data_cpus=0.5",
         "schedule.epochs=3",
@@ -330,6 +340,7 @@ def test_the_shard_stream_restarts_after_the_checkpoint_the_workers_restore(ray_
     result = outcome["result"]
     assert killed_after["epoch"] < 3, "the worker must die before the end for this test to mean anything"
     assert (result.epoch, result.iteration) == (3, 9)
+    assert result.metrics["workers"] == 1, "two workers would have left the stream no CPU"
     # the last stream was built after a restore (not from epoch 0), as the workers asserted
     assert read_stream_start(cfg, stage_run_name(cfg, "teacher")) >= killed_after["epoch"] >= 1
 
@@ -348,3 +359,61 @@ def test_train_with_mlflow_down_at_start_fails_at_once_with_one_line(tmp_path, s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tracking.uri" in err[0] and "not reachable" in err[0]
     assert not (tmp_path / "store").exists(), "nothing was started"
+
+
+@pytest.mark.e2e
+def test_ctrl_c_during_train_aborts_the_run_and_ends_it_killed(tmp_path, sample_images):
+    """Ctrl-C once Ray Train has recorded the first checkpoint: the run is aborted, the MLflow run ends
+    KILLED with nothing logged after it ended, exit code 130 with one line, and the checkpoint is whole."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from tests.fixtures.paths import REPO
+    from workflows.references import fetch_checkpoint
+
+    sets = [
+        f"storage.root={tmp_path / 'store'}",
+        f"data.train_images={sample_images / 'train'}",
+        f"data.eval_images={sample_images / 'eval'}",
+        "train.stage=teacher",
+        "train.run_name=interrupted",
+        "schedule.epochs=50",  # far more than it gets through before the signal
+    ]
+    config = str(REPO / "workflows/configs/tiny.yaml")
+    args = ["--config", config, *(a for s in sets for a in ("--set", s))]
+    cfg = load_config(config, sets)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    subprocess.run([sys.executable, "-m", "workflows.shards", *args, "--quiet"], cwd=REPO, env=env, check=True)
+    with open(tmp_path / "train.log", "w") as log:  # a file, not a pipe: an unread pipe would block the run
+        train = subprocess.Popen(
+            [sys.executable, "-m", "workflows.train", *args], cwd=REPO, env=env, stdout=log, stderr=log
+        )
+        recorded = None
+        while recorded is None and train.poll() is None:  # the event: Ray Train recorded a checkpoint
+            with contextlib.suppress(ResumeError):  # Ray is writing its record of the run right now
+                recorded = latest_checkpoint(cfg, stage_run_name(cfg, "teacher"))
+            time.sleep(0.2)
+        assert recorded is not None, (tmp_path / "train.log").read_text()[-4000:]
+        train.send_signal(signal.SIGINT)
+        code = train.wait()
+    output = (tmp_path / "train.log").read_text()
+    assert code == 130, output[-4000:]
+    own = [line for line in output.splitlines() if line.startswith("lightbsr train:")]
+    assert own == ["lightbsr train: interrupted; rerun the same command to resume"], output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
+
+    client = MlflowClient(cfg.tracking_uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        filter_string="attributes.run_name = 'interrupted-teacher'",
+    )
+    assert run.info.status == "KILLED"
+    logged = [m.timestamp for name in run.data.metrics for m in client.get_metric_history(run.info.run_id, name)]
+    assert logged and max(logged) <= run.info.end_time, "the workers logged after the run was ended"
+    found = latest_checkpoint(cfg, stage_run_name(cfg, "teacher"))
+    assert found is not None and recorded.epoch <= found.epoch < 50
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = load_checkpoint(fetch_checkpoint(found.checkpoint, cfg, folder), role="teacher")
+    assert checkpoint.model is not None
