@@ -10,8 +10,8 @@ SIGKILLed (a crashed machine):
 * `train.num_workers=2` and no capacity coming back: the driver fails the run with a message naming
   what is missing once `train.capacity_wait_s` has passed, instead of waiting forever.
 
-The first two finish with every step in MLflow exactly once; the recovery time (kill -> next step
-logged) is printed. The test waits for events (a checkpoint object, a job state), never a fixed time.
+The first two finish with every step in MLflow exactly once; the recovery time (kill -> first step
+logged after the restart) is printed. The test waits for events (a checkpoint object, a job state), never a fixed time.
 """
 
 import shlex
@@ -130,9 +130,21 @@ def check_finished_without_lost_steps(mlflow, jobs, job_id, key, run_name, kille
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in history)
     assert steps == list(range(1, EPOCHS * ITERS + 1)), steps  # tiny.yaml logs every step
-    after = [m.timestamp / 1000 for m in history if m.timestamp / 1000 > killed_at]
+    after = sorted(m.timestamp / 1000 for m in history if m.timestamp / 1000 > killed_at)
     assert after, "no step logged after the kill: it landed after training ended"
-    print(f"[node loss] {run_name}: recovery (kill -> next step logged) {min(after) - killed_at:.1f} s")
+    print(
+        f"[node loss] {run_name}: recovery (kill -> first step after the restart) {restart_delay(killed_at, after):.1f} s"
+    )
+
+
+def restart_delay(killed_at: float, logged_after: list[float]) -> float:
+    """Seconds from the kill to the first step logged after the longest pause that follows it.
+
+    A surviving worker can still log a step or two before the failure reaches it; the restart is
+    the longest silence after the kill, so the step that ends it marks the recovery."""
+    times = [killed_at, *logged_after]
+    resumed = max(range(1, len(times)), key=lambda i: times[i] - times[i - 1])
+    return times[resumed] - killed_at
 
 
 def test_node_loss_continues_resumes_or_fails_clearly(node_loss_env):
