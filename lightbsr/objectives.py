@@ -79,7 +79,18 @@ class TeacherObjective(nn.Module):
     query output (same input, weights and batch statistics as the authors' separate view-0 pass: the
     same numbers and gradient); each BatchNorm repeats view 0's running-statistics update, as that
     fifth pass leaves them.
+
+    On CPU, when one view holds at least `PER_VIEW_CALLS_MIN_PIXELS` pixels (B * h * w), each encoder is
+    called once per view instead, as the authors do (the same numbers; the running statistics are updated
+    by those calls in the same order, the view-0 repeat by a gradient-free fifth query call): at that size
+    the separate calls are the faster equal step.
     """
+
+    # Measured on 2 CPU threads, step time / the pre-issue-13 joint pass, wall / CPU (benchmarks/teacher_step.py):
+    # B=8, LR 24x24 (4608 pixels a view; benchmarks/results/teacher_step.md): batched 1.14 / 1.19, per-view calls
+    # 1.49 / 1.56; B=32, LR 48x48 (73728; teacher_step_B32_V4_LR48.md): batched 1.30 / 1.28, per-view calls
+    # 1.13 / 1.03. The switch sits near the geometric middle of the two sizes.
+    PER_VIEW_CALLS_MIN_PIXELS = 16384
 
     def __init__(self, teacher: Teacher, loss_cfg: LossSettings) -> None:
         super().__init__()
@@ -93,24 +104,49 @@ class TeacherObjective(nn.Module):
         batch, views = lr.shape[:2]
         if views < 2:
             raise ValueError(f"the teacher needs at least 2 views per item, got V={views}")
-        # item-major (B*V, 3 + P, h, w): row b * V + v is view v of item b, as lr holds them
-        x = teacher.encoder_input(lr.flatten(0, 1), prior.repeat_interleave(views, dim=0))
-        idr = teacher.encoder(x, views=views, repeat_first_view=True, by_item=True)  # (B*V, 128, h/4, w/4)
-        q = teacher.head(idr).view(batch, views, -1)  # (B, V, 128)
-        teacher.momentum_update()
-        with torch.no_grad():
-            k = teacher.key_head(teacher.key_encoder.forward_views_no_grad(x, views)).view(batch, views, -1).float()
+        pixels = batch * lr.shape[-2] * lr.shape[-1]
+        if lr.device.type == "cpu" and pixels >= self.PER_VIEW_CALLS_MIN_PIXELS:
+            idr0, q, k = self._per_view_calls(lr, prior)
+        else:
+            idr0, q, k = self._batched_pass(lr, prior)
         contrastive = contrastive_loss(q, k, teacher.queue.clone(), cfg.contrastive_temperature)
         terms: Terms = {"contrastive": contrastive}
         total = cfg.contrastive_weight * contrastive
         if phase == 2:
-            ca, xk = teacher.generator.convert(idr.view(batch, views, *idr.shape[1:])[:, 0], _size(lr))
+            ca, xk = teacher.generator.convert(idr0, _size(lr))
             sr = teacher.generator.reconstruct(lr[:, 0], ca, xk)
             terms["l1"] = l1_255(sr, hr[:, 0])
             total = total + cfg.l1_weight * terms["l1"]
         teacher.enqueue(gather_from_all_workers(k[:, 0].contiguous()))
         terms["total"] = total
         return terms
+
+    def _batched_pass(self, lr: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """View 0's IDR (B, 128, h/4, w/4), q and k (B, V, 128): each encoder once over all B*V crops."""
+        teacher = self.model
+        batch, views = lr.shape[:2]
+        # item-major (B*V, 3 + P, h, w): row b * V + v is view v of item b, as lr holds them
+        x = teacher.encoder_input(lr.flatten(0, 1), prior.repeat_interleave(views, dim=0))
+        idr = teacher.encoder(x, views=views, repeat_first_view=True, by_item=True)  # (B*V, 128, h/4, w/4)
+        q = teacher.head(idr).view(batch, views, -1)
+        teacher.momentum_update()
+        with torch.no_grad():
+            k = teacher.key_head(teacher.key_encoder.forward_views_no_grad(x, views)).view(batch, views, -1).float()
+        return idr.view(batch, views, *idr.shape[1:])[:, 0], q, k
+
+    def _per_view_calls(self, lr: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As `_batched_pass`, each encoder called once per view in view order, as the authors do."""
+        teacher = self.model
+        inputs = [teacher.encoder_input(lr[:, v], prior) for v in range(lr.shape[1])]
+        idr = [teacher.encoder(x) for x in inputs]
+        q = torch.stack([teacher.head(view) for view in idr], dim=1)
+        if teacher.encoder.training:
+            with torch.no_grad():  # the authors' separate view-0 pass: its running-statistics update
+                teacher.encoder(inputs[0])
+        teacher.momentum_update()
+        with torch.no_grad():
+            k = torch.stack([teacher.key_head(teacher.key_encoder(x)) for x in inputs], dim=1).float()
+        return idr[0], q, k
 
     @torch.no_grad()
     def super_resolve(self, lr: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ def test_teacher_phase_one_trains_the_representation_only(teacher_batch):
     assert objective.model.encoder.stages[0].conv.weight.grad.abs().sum() > 0
 
 
-def test_teacher_phase_two_adds_l1_of_view_zero_on_the_255_scale(teacher_batch):
+def test_teacher_phase_two_adds_l1_of_view_zero_on_the_255_scale(teacher_batch, teacher_path):
     teacher = small_teacher()
     reference = copy.deepcopy(teacher).eval()
     terms = TeacherObjective(teacher, paper_losses(l1_weight=2.0)).eval()(*teacher_batch, phase=2)
@@ -75,7 +75,7 @@ def test_teacher_phase_two_adds_l1_of_view_zero_on_the_255_scale(teacher_batch):
     assert terms["total"].item() == pytest.approx(terms["contrastive"].item() + 2 * expected.item(), rel=1e-4)
 
 
-def test_teacher_enqueues_the_momentum_keys_of_view_zero_only(teacher_batch):
+def test_teacher_enqueues_the_momentum_keys_of_view_zero_only(teacher_batch, teacher_path):
     teacher = small_teacher(momentum=0.9)
     with torch.no_grad():  # make the key encoder differ from the query encoder
         for p in teacher.encoder.parameters():
@@ -90,7 +90,7 @@ def test_teacher_enqueues_the_momentum_keys_of_view_zero_only(teacher_batch):
     torch.testing.assert_close(teacher.queue[:, : lr.shape[0]].T, view0, rtol=1e-4, atol=1e-5)
 
 
-def test_teacher_step_with_sync_batch_norm_equals_the_plain_one(teacher_batch):
+def test_teacher_step_with_sync_batch_norm_equals_the_plain_one(teacher_batch, teacher_path):
     """DDP on GPU converts the encoders to SyncBatchNorm, which runs one module call per view; without a process
     group it reduces locally, so on CPU it must give the plain BatchNorm's single per-view pass's step."""
     plain = TeacherObjective(small_teacher(), paper_losses()).train()

@@ -109,7 +109,7 @@ def check_step(case, terms, grads, lr_step, post, excluded, n_trainable, loss_na
 
 
 @pytest.mark.parametrize("phase", ["phase1", "phase2"])
-def test_teacher_step_matches_the_authors_trainer(vectors, phase):
+def test_teacher_step_matches_the_authors_trainer(vectors, phase, teacher_path):
     teacher = authors_teacher(vectors)
     objective = TeacherObjective(teacher, settings(vectors["constants"])).train()
     terms, grads, lr_step, post, excluded, n_trainable = one_step(objective, teacher, vectors, "teacher", phase)
