@@ -16,11 +16,12 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import PurePath
 from typing import Any
 
 from workflows.config import Config, ConfigError, add_config_arguments, load_config
 from workflows.resume import check_fingerprint, fingerprint
-from workflows.urls import redact
+from workflows.urls import is_remote, join, redact
 
 STEPS = ("samples", "shards", "teacher", "student", "evaluate", "register")
 
@@ -182,13 +183,28 @@ def run_pipeline(cfg: Config, steps: tuple[str, ...] = STEPS, log: Callable[[str
     return done
 
 
-def upscale_command(cfg: Config, model_uri: str) -> str:
-    """The `lightbsr upscale` line for a registered model, runnable from any directory (URLs redacted)."""
+def example_input(cfg: Config) -> str | None:
+    """The run's first held-out image (`data.eval_images`) when that folder is local, else None."""
+    from workflows import storage
+
+    if is_remote(cfg.data.eval_images):
+        return None  # reading it would also need the S3 settings on the command line
+    names = storage.list_images(cfg.data.eval_images) if storage.exists(cfg.data.eval_images) else []
+    return join(cfg.data.eval_images, names[0]) if names else None
+
+
+def upscale_command(cfg: Config, model_uri: str, example: str | None = None) -> str:
+    """The `lightbsr upscale` line for a registered model, runnable from any directory (URLs redacted):
+    on the local image `example` (absolute; written as STEM_xS.png in the current directory), else
+    on placeholders INPUT OUTPUT."""
     from workflows.tracking import artifact_env
 
     env = {"MLFLOW_TRACKING_URI": cfg.tracking_uri, **artifact_env(cfg)}
     assignments = " ".join(f"{key}={shlex.quote(redact(value))}" for key, value in env.items())
-    return f"{assignments} lightbsr upscale --model {shlex.quote(model_uri)} INPUT OUTPUT"
+    files = "INPUT OUTPUT"
+    if example is not None:
+        files = f"{shlex.quote(example)} {shlex.quote(f'{PurePath(example).stem}_x{cfg.model.scale}.png')}"
+    return f"{assignments} lightbsr upscale --model {shlex.quote(model_uri)} {files}"
 
 
 def summary(cfg: Config, done: dict[str, dict]) -> str:
@@ -204,7 +220,8 @@ def summary(cfg: Config, done: dict[str, dict]) -> str:
             if key in done["evaluate"]:
                 lines.append(f"  evaluation table: {redact(done['evaluate'][key])}")
     if "register" in done:
-        lines.append(f"  upscale with the registered model:\n    {upscale_command(cfg, done['register']['model_uri'])}")
+        command = upscale_command(cfg, done["register"]["model_uri"], example_input(cfg))
+        lines.append(f"  upscale with the registered model:\n    {command}")
     return "\n".join(lines)
 
 

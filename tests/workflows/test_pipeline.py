@@ -73,3 +73,14 @@ def test_the_upscale_line_names_the_tracking_server_and_the_s3_endpoint_without_
         "INPUT",
         "OUTPUT",
     ]
+
+
+def test_the_upscale_line_runs_on_a_held_out_image_when_the_folder_is_local(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "zebra.png").write_bytes(b"")  # listed by name only
+    (tmp_path / "eval" / "bird.png").write_bytes(b"")
+    cfg = load_config(None, [f"data.eval_images={tmp_path / 'eval'}", "model.scale=2"])
+    words = shlex.split(pipeline.upscale_command(cfg, "models:/m@champion", pipeline.example_input(cfg)))
+    assert words[-2:] == [str(tmp_path / "eval" / "bird.png"), "bird_x2.png"]
+    remote = load_config(None, ["data.eval_images=s3://bucket/eval"])
+    assert pipeline.example_input(remote) is None
