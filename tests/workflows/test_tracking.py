@@ -80,21 +80,25 @@ def test_replayed_steps_are_not_logged_twice_and_a_full_buffer_drops_with_a_coun
     # a restored worker replays steps 5..7 (checkpoint at 4) and goes on; its buffer holds 5 items
     again = tracking.RunLogger(uri, run_id, buffer=5)
     again.metrics({"resumed_at_iteration": 4.0}, step=4, replayed_ok=True)
+    for step in range(5, 8):
+        again.metrics({"total": float(step) + 0.5}, step=step)
     assert again.flush()
     stop()
     caplog.set_level(logging.WARNING, logger="workflows.tracking")
-    for step in range(5, 13):
+    again.metrics({"total": 8.5}, step=8)
+    _wait_until(lambda: again.failures > 0)  # the sender holds step 8, retrying it, so the buffer fills up
+    for step in range(9, 15):
         again.metrics({"total": float(step) + 0.5}, step=step)
     start()
     again.close()
 
     history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "total"))
-    # 1..7 from the first logger only; the buffer (5 items: steps 5..9) was full from step 10 on,
-    # so 10..12 were dropped and counted; of 5..9, the replayed 5..7 were not sent again
-    assert history == [(s, float(s)) for s in range(1, 8)] + [(8, 8.5), (9, 9.5)]
-    assert again.dropped == 3
+    # 1..7 from the first logger only (the replayed 5..7 were not sent again); the buffer (5 items:
+    # steps 8..12) was full from step 13 on, so 13 and 14 were dropped and counted
+    assert history == [(s, float(s)) for s in range(1, 8)] + [(s, s + 0.5) for s in range(8, 13)]
+    assert again.dropped == 2
     assert [m.step for m in client.get_metric_history(run_id, "resumed_at_iteration")] == [4]
-    assert any("3 dropped (buffer full)" in r.getMessage() for r in caplog.records)
+    assert any("2 dropped (buffer full)" in r.getMessage() for r in caplog.records)
 
 
 def test_a_stage_run_is_ended_failed_on_an_error_and_killed_on_ctrl_c(tmp_path):
